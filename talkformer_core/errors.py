@@ -1,0 +1,25 @@
+"""Errors a user sees. Each names the file (or input) and says what was expected."""
+
+
+class TalkFormerError(Exception):
+    """Base class of every error raised on purpose by talkformer_core."""
+
+
+class InputError(TalkFormerError, ValueError):
+    """An input file or value is missing, unreadable, corrupt or of the wrong kind."""
+
+
+class AudioError(InputError):
+    pass
+
+
+class VideoError(InputError):
+    pass
+
+
+class FaceError(InputError):
+    pass
+
+
+class CheckpointError(TalkFormerError, ValueError):
+    """A checkpoint of the wrong format, kind, shape or config."""
