@@ -430,6 +430,7 @@ class VideoWriter:
                     self._container.mux(packet)
             self._container.close()
             self._container = None
+            _chmod_like_new_file(self._tmp)  # mkstemp makes 0600; a finished video is a normal file
             os.replace(self._tmp, self.path)
             self._tmp = None
         except BaseException:
@@ -499,3 +500,10 @@ def resample_indices(num_src: int, src_fps: float, dst_fps: float) -> np.ndarray
     x = np.arange(n_out, dtype=np.float64) * (src_fps / dst_fps)  # output time in source frames
     idx = np.ceil(x - 0.5 - 1e-9).astype(np.int64)  # nearest, ties to the earlier frame
     return np.clip(idx, 0, num_src - 1)
+
+
+def _chmod_like_new_file(path) -> None:
+    """Give a finished temp file the permissions a plain open() would (0666 minus the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
