@@ -344,12 +344,13 @@ def external_vae_record(meta: Mapping[str, str]) -> dict[str, Any] | None:
     return None if v == "embedded" else json.loads(v)
 
 
-def resolve_external_vae(meta: Mapping[str, str], vae_path: str | os.PathLike | None, *,
+def resolve_external_vae(meta: Mapping[str, str], vae_path: str | os.PathLike | Mapping[str, torch.Tensor] | None, *,
                          checkpoint_path: str | os.PathLike | None = None) -> ExternalVAE | None:
     """Check a user-given VAE against the checkpoint's record of it (DESIGN.md §4).
 
     Returns None for a checkpoint that embeds its autoencoder (a given ``vae_path`` is then
-    ignored with a warning), else the verified VAE. Errors say which VAE (hash, config) is needed.
+    ignored with a warning), else the verified VAE. ``vae_path`` may also be the VAE's state dict
+    (LDM layout, e.g. ComfyUI's ``vae.first_stage_model.state_dict()``). Errors say which VAE (hash, config) is needed.
     """
     from .autoencoder import read_vae_file
 
@@ -366,7 +367,13 @@ def resolve_external_vae(meta: Mapping[str, str], vae_path: str | os.PathLike | 
     if vae_path is None:
         raise CheckpointError(f"{ck} does not contain its autoencoder; it needs {need}. Give it as "
                               f"--vae (CLI) or the loader node's VAE input.")
-    sd = read_vae_file(vae_path)
+    if isinstance(vae_path, Mapping):  # a state dict already in memory (ComfyUI's VAE input)
+        from .autoencoder import normalize_vae_state_dict
+
+        sd = normalize_vae_state_dict(vae_path, "the VAE input")
+        vae_path = "the VAE input"
+    else:
+        sd = read_vae_file(vae_path)
     got = state_dict_sha256(sd)
     if got != rec["sha256"]:
         raise CheckpointError(f"the VAE {vae_path} (sha256 {got}) is not the one {ck} was trained "

@@ -1,0 +1,218 @@
+"""Shared plumbing of the node pack: ComfyUI types <-> core types, progress, interrupt, models folder.
+
+Everything ComfyUI-specific is reached through ``comfy_module`` and is optional: inside a running
+ComfyUI the host has already imported ``comfy.*`` and ``folder_paths``, and we use them; in plain
+Python (tests, scripts) they are absent and the nodes run the same, without a progress bar. We
+never import ComfyUI ourselves: importing ``comfy.model_management`` on a CPU-only torch without
+``--cpu`` already set raises, and a node must not start a second ComfyUI by accident.
+
+Light at import time: torch, numpy and talkformer_core are imported inside the functions.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any
+
+CATEGORY = "TalkFormer"
+MODEL_FOLDER = "talkformer"  # models/talkformer/, folder_paths name (DESIGN.md §4)
+MODEL_EXTENSIONS = {".safetensors"}  # safetensors only: nothing is unpickled
+PREVIEW_MAX = 512  # longest side of a progress preview (ComfyUI's --preview-size default)
+# Custom types that flow between our nodes (names shown on the sockets).
+TALKFORMER_MODEL = "TALKFORMER_MODEL"
+TALKFORMER_AUDIO = "TALKFORMER_AUDIO"
+TALKFORMER_FACE_TRACK = "TALKFORMER_FACE_TRACK"
+TALKFORMER_LANDMARKS = "TALKFORMER_LANDMARKS"
+TALKFORMER_REFERENCE = "TALKFORMER_REFERENCE"
+
+
+# ---------------------------------------------------------------------------------------------
+# ComfyUI, when it is the host
+
+def comfy_module(name: str) -> Any | None:
+    """The ComfyUI module ``name`` (e.g. "comfy.utils", "folder_paths") when ComfyUI is running in
+    this process, else None. 'Running' = the host has imported comfy.model_management already."""
+    mod = sys.modules.get(name)
+    if mod is not None:
+        return mod
+    if "comfy.model_management" not in sys.modules:
+        return None
+    try:
+        return importlib.import_module(name)
+    except Exception:  # an old ComfyUI without that module: run without it
+        return None
+
+
+def register_model_folder() -> list[str]:
+    """Register models/talkformer/ with folder_paths (keeping paths from extra_model_paths.yaml,
+    which ComfyUI reads before it imports custom nodes) and restrict it to .safetensors.
+    Returns the folder's paths; [] outside ComfyUI."""
+    fp = comfy_module("folder_paths")
+    if fp is None:
+        return []
+    default = os.path.join(fp.models_dir, MODEL_FOLDER)
+    paths = list(fp.folder_names_and_paths.get(MODEL_FOLDER, ([], set()))[0])
+    if default not in paths:
+        paths.append(default)  # after user-configured paths; is_default ones were put first already
+    fp.folder_names_and_paths[MODEL_FOLDER] = (paths, set(MODEL_EXTENSIONS))
+    return paths
+
+
+def model_file_list() -> list[str]:
+    """Checkpoint names for the loader's combo: files in models/talkformer/ (ComfyUI), else []."""
+    fp = comfy_module("folder_paths")
+    if fp is None:
+        return []
+    try:
+        return list(fp.get_filename_list(MODEL_FOLDER))
+    except Exception:
+        return []
+
+
+def resolve_model_file(name: str) -> str:
+    """A combo value -> the file's full path. Inside ComfyUI through folder_paths (all the folder's
+    paths, extra_model_paths honoured); in plain Python ``name`` is a file path."""
+    from talkformer_core.errors import CheckpointError
+
+    fp = comfy_module("folder_paths")
+    if fp is not None:
+        path = fp.get_full_path(MODEL_FOLDER, name)
+        if path is not None:
+            return path
+        where = ", ".join(fp.get_folder_paths(MODEL_FOLDER)) or "models/talkformer"
+        raise CheckpointError(f"{name}: no such TalkFormer checkpoint in {where}; expected a "
+                              f".safetensors file there")
+    if not os.path.isfile(name):
+        raise CheckpointError(f"{name}: no such checkpoint file (outside ComfyUI, ckpt_name is a path)")
+    return name
+
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's InterruptProcessingException if the user pressed Cancel (no-op outside)."""
+    mm = comfy_module("comfy.model_management")
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
+
+
+class Progress:
+    """comfy.utils.ProgressBar when ComfyUI runs us, else nothing. Every update is also an
+    interrupt point (check_interrupt), inside and outside the server's progress hook."""
+
+    def __init__(self, total: int):
+        self.total = max(int(total), 1)
+        cu = comfy_module("comfy.utils")
+        self.bar = cu.ProgressBar(self.total) if cu is not None else None
+
+    def update(self, value: int, preview: Any = None) -> None:
+        """``value`` of ``total`` done; ``preview`` an RGB uint8 (H, W, 3) array or None."""
+        check_interrupt()
+        if self.bar is None:
+            return
+        pv = None
+        if preview is not None:
+            from PIL import Image
+
+            pv = ("JPEG", Image.fromarray(preview), PREVIEW_MAX)
+        self.bar.update_absolute(min(int(value), self.total), self.total, pv)
+
+
+def torch_device_and_dtype(dtype_name: str = "auto"):
+    """(device, dtype) for our model: from comfy.model_management inside ComfyUI (its --cpu,
+    --gpu-only, --bf16-unet... flags apply), else the first CUDA device or the CPU.
+    ``dtype_name``: auto | fp32 | fp16 | bf16."""
+    import torch
+
+    named = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    mm = comfy_module("comfy.model_management")
+    if mm is not None:
+        device = mm.get_torch_device()
+        if dtype_name in named:
+            return device, named[dtype_name]
+        return device, mm.unet_dtype(device=device, supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if dtype_name in named:
+        return device, named[dtype_name]
+    if device.type == "cuda":  # DESIGN.md §5: bf16/fp16 on GPU, fp32 on CPU
+        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return device, torch.float32
+
+
+def intermediate_device():
+    """Where IMAGE tensors live between nodes (ComfyUI: CPU unless --gpu-only)."""
+    import torch
+
+    mm = comfy_module("comfy.model_management")
+    return mm.intermediate_device() if mm is not None else torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Type conversions (the only place where ComfyUI's IMAGE meets the core's uint8 frames)
+
+def image_to_uint8(image: Any, what: str = "images"):
+    """ComfyUI IMAGE [B, H, W, C] float 0..1 -> numpy uint8 (B, H, W, 3) RGB.
+
+    A single [H, W, C] image is taken as B = 1; alpha (C = 4) is dropped, grey (C = 1) repeated.
+    """
+    import numpy as np
+    import torch
+
+    from talkformer_core.errors import InputError
+
+    if isinstance(image, torch.Tensor):
+        x = image.detach()
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4 or x.shape[-1] not in (1, 3, 4) or x.shape[0] == 0:
+            raise InputError(f"{what}: expected a ComfyUI IMAGE [B, H, W, 3] with B >= 1, got {tuple(image.shape)}")
+        x = x[..., :3] if x.shape[-1] >= 3 else x.expand(*x.shape[:-1], 3)
+        out = (x.float().clamp(0, 1) * 255.0).round().to(torch.uint8).cpu().numpy()
+        return np.ascontiguousarray(out)
+    a = np.asarray(image)
+    if a.dtype == np.uint8 and a.ndim == 4 and a.shape[-1] == 3:
+        return a
+    raise InputError(f"{what}: expected a ComfyUI IMAGE tensor [B, H, W, 3], got {type(image).__name__}")
+
+
+def uint8_to_image(frames: Any):
+    """numpy uint8 (B, H, W, 3) (or a list of (H, W, 3)) -> ComfyUI IMAGE [B, H, W, 3] float32 0..1."""
+    import numpy as np
+    import torch
+
+    a = np.ascontiguousarray(np.stack(frames) if isinstance(frames, (list, tuple)) else frames)
+    if a.ndim == 3:
+        a = a[None]
+    t = torch.from_numpy(a).to(torch.float32).div_(255.0)
+    return t.to(intermediate_device())
+
+
+def audio_to_16k(audio: Any):
+    """ComfyUI AUDIO {"waveform": [B, C, T], "sample_rate"} -> float32 (n,) 16 kHz mono numpy."""
+    from talkformer_core.audio import to_16k_mono
+    from talkformer_core.errors import AudioError
+
+    if not isinstance(audio, dict) or "waveform" not in audio or "sample_rate" not in audio:
+        raise AudioError(f"audio: expected ComfyUI AUDIO {{'waveform': [B, C, T], 'sample_rate': int}}, "
+                         f"got {type(audio).__name__}")
+    return to_16k_mono(audio["waveform"], float(audio["sample_rate"]))
+
+
+def audio_seconds(audio: Any) -> float:
+    """Duration of a ComfyUI AUDIO in seconds."""
+    from talkformer_core.errors import AudioError
+
+    try:
+        return float(audio["waveform"].shape[-1]) / float(audio["sample_rate"])
+    except (TypeError, KeyError, AttributeError, ZeroDivisionError) as e:
+        raise AudioError(f"audio: expected ComfyUI AUDIO {{'waveform': [B, C, T], 'sample_rate': int}} ({e})") from None
+
+
+def tooltips_complete(cls) -> list[str]:
+    """Names of inputs of a node class that lack a tooltip (for tests and the docs generator)."""
+    missing = []
+    for section in ("required", "optional"):
+        for name, spec in cls.INPUT_TYPES().get(section, {}).items():
+            opts = spec[1] if len(spec) > 1 else {}
+            if not opts.get("tooltip"):
+                missing.append(name)
+    return missing

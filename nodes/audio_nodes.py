@@ -1,0 +1,93 @@
+"""Audio Features and Match Length: ComfyUI AUDIO -> mel windows; frames fitted to the audio."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ._common import CATEGORY, TALKFORMER_AUDIO, audio_seconds, intermediate_device
+
+LENGTH_MODES = ["pingpong", "loop", "trim"]
+FPS_SPEC = ("FLOAT", {"default": 25.0, "min": 1.0, "max": 120.0, "step": 0.001,
+                      "tooltip": "Frame rate of the video frames (connect GetVideoComponents' fps)."})
+
+
+class AudioFeatures:
+    DESCRIPTION = ("Turns audio (Load Audio, Get Video Components, VideoHelperSuite) into the model's "
+                   "input: 16 kHz mono, IP-LAP's 80-band mel spectrogram, one 16-mel window (0.2 s) "
+                   "per video frame.")
+    CATEGORY = CATEGORY
+    FUNCTION = "features"
+    RETURN_TYPES = (TALKFORMER_AUDIO, "INT")
+    RETURN_NAMES = ("audio_features", "frame_count")
+    OUTPUT_TOOLTIPS = ("Mel windows (T, 80, 16), one per video frame.",
+                       "T: the number of video frames the features cover.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "audio": ("AUDIO", {"tooltip": "The driving speech (any sample rate, mono or stereo)."}),
+                "fps": FPS_SPEC,
+                "frame_count": ("INT", {
+                    "default": 0, "min": 0, "max": 1_000_000,
+                    "tooltip": "Video frames to make windows for; 0 = as many as the audio lasts "
+                               "(ceil(duration x fps)). Connect Match Length's frame_count."}),
+            },
+        }
+
+    def features(self, audio: dict, fps: float, frame_count: int = 0):
+        from talkformer_core import pipeline
+        from talkformer_core.errors import AudioError
+
+        if not isinstance(audio, dict) or "waveform" not in audio or "sample_rate" not in audio:
+            raise AudioError(f"audio: expected ComfyUI AUDIO {{'waveform': [B, C, T], 'sample_rate': int}}, "
+                             f"got {type(audio).__name__}")
+        feats = pipeline.audio_features((audio["waveform"], int(audio["sample_rate"])), fps=float(fps),
+                                        num_frames=int(frame_count) or None)
+        return (feats, int(feats.num_frames))
+
+
+class MatchLength:
+    DESCRIPTION = ("Fits the template frames to the audio's length: pingpong plays them forward then "
+                   "backward (the head never jumps), loop repeats them, trim cuts the longer of the two "
+                   "(the audio output is cut to the frames then).")
+    CATEGORY = CATEGORY
+    FUNCTION = "match"
+    RETURN_TYPES = ("IMAGE", "INT", "AUDIO")
+    RETURN_NAMES = ("images", "frame_count", "audio")
+    OUTPUT_TOOLTIPS = ("The frames, as many as the audio lasts (trim: the shorter of the two).",
+                       "Number of output frames.",
+                       "The audio, cut to the output frames' duration when it was longer (trim); else unchanged.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "Template video frames."}),
+                "audio": ("AUDIO", {"tooltip": "The driving audio whose length the frames should match."}),
+                "fps": FPS_SPEC,
+                "mode": (LENGTH_MODES, {
+                    "default": "pingpong",
+                    "tooltip": "pingpong: forward-backward repeat; loop: repeat from the start; trim: cut "
+                               "whichever is longer."}),
+            },
+        }
+
+    def match(self, images: Any, audio: dict, fps: float, mode: str = "pingpong"):
+        import torch
+
+        from talkformer_core.video import match_length_indices
+
+        n_audio = int(math.ceil(audio_seconds(audio) * float(fps) - 1e-6))  # frames the audio covers
+        idx = match_length_indices(int(images.shape[0]), n_audio, mode)  # (T_out,)
+        out = images[torch.from_numpy(idx).to(images.device)]
+        T = int(idx.shape[0])
+        wave, sr = audio["waveform"], int(audio["sample_rate"])
+        keep = int(round(T / float(fps) * sr))
+        if wave.shape[-1] > keep:
+            audio = {**audio, "waveform": wave[..., :keep]}
+        return (out.to(intermediate_device()), T, audio)
+
+
+NODE_CLASS_MAPPINGS = {"TalkFormerAudioFeatures": AudioFeatures, "TalkFormerMatchLength": MatchLength}
+NODE_DISPLAY_NAME_MAPPINGS = {"TalkFormerAudioFeatures": "Audio Features", "TalkFormerMatchLength": "Match Length"}

@@ -1,0 +1,238 @@
+"""Complete Landmarks, Encode Reference and TalkFormer Sampler: the model's two stages as nodes."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ._common import (
+    CATEGORY,
+    TALKFORMER_AUDIO,
+    TALKFORMER_FACE_TRACK,
+    TALKFORMER_LANDMARKS,
+    TALKFORMER_MODEL,
+    TALKFORMER_REFERENCE,
+    Progress,
+    check_interrupt,
+    image_to_uint8,
+    uint8_to_image,
+)
+
+
+BATCH_FRAMES = 8  # frames denoised together (and the progress preview's granularity)
+
+
+def _sampler_names() -> list[str]:
+    try:
+        from talkformer_core.diffusion import SAMPLERS
+
+        return list(SAMPLERS)
+    except Exception:  # torch missing: the list still has to render
+        return ["ddim", "dpmpp_2m", "ddpm"]
+
+
+def _check_count(what: str, n: int, track: Any) -> None:
+    from talkformer_core.errors import InputError
+
+    if n != len(track):
+        raise InputError(f"{what}: {n} frames but the face track has {len(track)}; connect the frames the "
+                         f"track was made from (after Match Length)")
+
+
+class CompleteLandmarks:
+    DESCRIPTION = ("Stage 1 (landmark completion): from the mel windows, the upper-face (pose) landmarks of "
+                   "each frame and N reference landmark sets spread over lip openness, predicts the lip and "
+                   "jaw landmarks that follow the audio; merged with the pose they are the 131 target "
+                   "landmarks of every frame.")
+    CATEGORY = CATEGORY
+    FUNCTION = "complete"
+    RETURN_TYPES = (TALKFORMER_LANDMARKS, "IMAGE")
+    RETURN_NAMES = ("landmarks", "preview")
+    OUTPUT_TOOLTIPS = ("Target landmarks (T, 131, 2) in each frame's crop, [0, 1].",
+                       "Face crops with the predicted landmarks drawn (lips red, jaw orange, pose green); "
+                       "black crops when no frames are connected.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (TALKFORMER_MODEL, {"tooltip": "Load TalkFormer Model."}),
+                "face_track": (TALKFORMER_FACE_TRACK, {"tooltip": "Detect Face Landmarks' track of the frames."}),
+                "audio_features": (TALKFORMER_AUDIO, {"tooltip": "Audio Features of the driving audio."}),
+            },
+            "optional": {
+                "images": ("IMAGE", {"tooltip": "The tracked frames, only to draw the preview on."}),
+            },
+        }
+
+    def complete(self, model: Any, face_track: Any, audio_features: Any, images: Any = None):
+        import numpy as np
+
+        from talkformer_core import pipeline
+        from talkformer_core.face.draw import draw_points131
+        from talkformer_core.face.track import crop_frame
+
+        analysis = face_track
+        track = analysis.track
+        T = len(track)
+        loaded = model.load()
+        bar = Progress(T + 1)
+        idx = np.arange(T)  # the frames were matched to the audio upstream (Match Length)
+        lms_box = pipeline.complete_landmarks(loaded, analysis, audio_features, idx)  # (T, 131, 2) box frame
+        lms = pipeline.landmarks_to_crop(analysis, lms_box, idx)  # (T, 131, 2) crop frame [0, 1]
+        bar.update(1)
+        size = int(track.crop_size)
+        frames = image_to_uint8(images) if images is not None else None
+        if frames is not None:
+            _check_count("Complete Landmarks images", len(frames), track)
+        preview = []
+        for t in range(T):
+            canvas = (crop_frame(frames[t], track.boxes[t], size) if frames is not None
+                      else np.zeros((size, size, 3), np.uint8))
+            preview.append(draw_points131(canvas, lms[t] * size, radius=max(1, size // 128)))
+            if t % 8 == 0:
+                bar.update(1 + t, preview[-1])
+        bar.update(T + 1, preview[-1])
+        return (lms, uint8_to_image(preview))
+
+
+class EncodeReference:
+    DESCRIPTION = ("Encodes the reference face whose appearance (teeth, lips, beard) the generated mouth "
+                   "takes: a frame of the video (auto: the most open and most frontal mouth) or an image "
+                   "you give. Its appearance features are computed once and reused at every step.")
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = (TALKFORMER_REFERENCE,)
+    RETURN_NAMES = ("reference",)
+    OUTPUT_TOOLTIPS = ("The reference latent and its cached appearance features.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (TALKFORMER_MODEL, {"tooltip": "Load TalkFormer Model."}),
+                "face_track": (TALKFORMER_FACE_TRACK, {"tooltip": "Detect Face Landmarks' track of the frames."}),
+                "images": ("IMAGE", {"tooltip": "The tracked frames (the reference is cropped from one of them)."}),
+                "frame_index": ("INT", {
+                    "default": -1, "min": -1, "max": 1_000_000,
+                    "tooltip": "Frame to take the reference from; -1 = automatic (widest open, most frontal "
+                               "mouth). Ignored when reference_image is connected."}),
+            },
+            "optional": {
+                "reference_image": ("IMAGE", {
+                    "tooltip": "Optional still of the same person (first image used): its face is detected, "
+                               "cropped and encoded instead of a video frame."}),
+            },
+        }
+
+    def encode(self, model: Any, face_track: Any, images: Any, frame_index: int = -1, reference_image: Any = None):
+        from talkformer_core import pipeline
+        from talkformer_core.face.track import crop_frame
+
+        analysis = face_track
+        loaded = model.load()
+        size = loaded.crop_size
+        if reference_image is not None:
+            crop = reference_crop(image_to_uint8(reference_image, "reference_image")[0], size)
+        else:
+            frames = image_to_uint8(images)
+            _check_count("Encode Reference images", len(frames), analysis.track)
+            t = pipeline.choose_reference_frame(analysis, None if frame_index < 0 else int(frame_index))
+            crop = crop_frame(frames[t], analysis.boxes[t], size)
+        check_interrupt()
+        return (pipeline.encode_reference(loaded, crop),)
+
+
+def reference_crop(image, size: int):
+    """A still (H, W, 3) uint8 -> its face crop (size, size, 3) by the face track's box rule
+    (face.track.raw_boxes_from_points on the 131 points). FaceError when it shows no face."""
+    from talkformer_core.face.landmarks import detect_image
+    from talkformer_core.face.topology import select_131
+    from talkformer_core.face.track import crop_frame, raw_boxes_from_points
+
+    p478, _ = detect_image(image, require_face=True, source="reference_image")
+    box = raw_boxes_from_points(select_131(p478[:, :2])[None])[0]  # (x0, y0, side)
+    return crop_frame(image, box, size)
+
+
+class TalkFormerSampler:
+    DESCRIPTION = ("Stage 2 (latent diffusion inpainting): for every frame, denoises the lower half of the "
+                   "face latent guided by the target landmarks (M-Align) and the reference (R-Align), with "
+                   "the upper half fixed to the frame's own; decodes to face crops. Progress shows the "
+                   "latest face; Cancel stops between steps.")
+    CATEGORY = CATEGORY
+    FUNCTION = "sample"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("face_crops",)
+    OUTPUT_TOOLTIPS = ("Generated face crops [T, S, S, 3] at the model's resolution (Blend Face pastes them back).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (TALKFORMER_MODEL, {"tooltip": "Load TalkFormer Model."}),
+                "images": ("IMAGE", {"tooltip": "The tracked frames (their upper faces are kept)."}),
+                "face_track": (TALKFORMER_FACE_TRACK, {"tooltip": "Detect Face Landmarks' track of the frames."}),
+                "landmarks": (TALKFORMER_LANDMARKS, {"tooltip": "Complete Landmarks' target landmarks."}),
+                "reference": (TALKFORMER_REFERENCE, {"tooltip": "Encode Reference's output."}),
+                "steps": ("INT", {"default": 25, "min": 1, "max": 1000,
+                                  "tooltip": "Denoising steps (the paper: 200 DDIM steps; 25 is a good trade)."}),
+                "sampler": (_sampler_names(), {"default": "ddim",
+                                               "tooltip": "ddim (the paper's), dpmpp_2m (fewer steps), ddpm."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                                 "tooltip": "Seed of the starting noise (one noise for the whole video keeps "
+                                            "it temporally steady)."}),
+                "eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "Stochasticity: 0 deterministic (DDIM / DPM-Solver++), 1 ancestral."}),
+            },
+        }
+
+    def sample(self, model: Any, images: Any, face_track: Any, landmarks: Any, reference: Any,
+               steps: int = 25, sampler: str = "ddim", seed: int = 0, eta: float = 0.0):
+        import numpy as np
+
+        from talkformer_core import pipeline
+        from talkformer_core.face.track import crop_frame
+
+        analysis = face_track
+        track = analysis.track
+        frames = image_to_uint8(images)
+        lms = np.asarray(landmarks, dtype=np.float32)
+        _check_count("TalkFormer Sampler images", len(frames), track)
+        _check_count("TalkFormer Sampler landmarks", len(lms), track)
+        loaded = model.load()
+        size = loaded.crop_size
+        crops = np.stack([crop_frame(frames[t], track.boxes[t], size) for t in range(len(frames))])
+        T, steps = len(crops), int(steps)
+        noise = pipeline.initial_noise(loaded, seed)  # one x_T for every frame: no flicker
+        # Batches of frames, so the progress bar can show the latest generated face. With temporal
+        # attention the pipeline carries motion frames between its clips, so it gets all frames at once.
+        temporal = bool(loaded.config.model.temporal_attention)
+        batch = T if temporal else BATCH_FRAMES
+        n_batches = math.ceil(T / batch)
+        bar = Progress(n_batches * steps)
+        out = []
+        for b, b0 in enumerate(range(0, T, batch)):
+            latest = out[-1][-1] if out else None
+
+            def callback(i: int, n: int, b: int = b, latest=latest) -> None:
+                bar.update(b * steps + min(i + 1, steps), latest if i == 0 else None)  # interrupt point
+
+            sl = slice(b0, b0 + batch)
+            out.append(pipeline.sample_faces(loaded, crops[sl], lms[sl], reference, steps=steps, sampler=sampler,
+                                             seed=int(seed), eta=float(eta), callback=callback, noise=noise,
+                                             batch_size=loaded.sequence_length * 2 if temporal else None))
+        faces = np.concatenate(out)
+        bar.update(n_batches * steps, faces[-1])
+        return (uint8_to_image(faces),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "TalkFormerCompleteLandmarks": CompleteLandmarks,
+    "TalkFormerEncodeReference": EncodeReference,
+    "TalkFormerSampler": TalkFormerSampler,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "TalkFormerCompleteLandmarks": "Complete Landmarks",
+    "TalkFormerEncodeReference": "Encode Reference",
+    "TalkFormerSampler": "TalkFormer Sampler",
+}
