@@ -1,0 +1,829 @@
+"""Video (or one image) + audio + checkpoint -> a lip-synced video: the ONE path CLI and nodes share.
+
+Stages are plain functions over in-memory arrays (the ComfyUI stage nodes call them on IMAGE
+batches); ``lipsync`` strings them together over a video file in bounded memory:
+
+    load_model               checkpoint -> LoadedModel (kind from the metadata; errors before long work)
+    analyze_frames           frames -> FaceAnalysis: mediapipe landmarks, found flags, smoothed crop
+                             boxes (face.track), IP-LAP landmark boxes, lip openness, frontalness
+    audio_features           audio -> AudioFeatures: per-video-frame mel windows (T, 80, 16)
+    choose_reference_frame   the most open and most frontal mouth (the R-Align reference image)
+    reference_landmark_sets  N full-face landmark sets spread over lip openness (IP-LAP ranks)
+    complete_landmarks       stage 1 (paper §III-B) over windows of L frames -> (T, 131, 2) box frame
+    encode_reference         z_r = E(reference crop) -> the step-invariant R-Align cache (§5)
+    sample_faces             stage 2 (paper §III-C): masked crop -> E -> known upper half; the lower
+                             half denoised with the landmark and reference caches; decode
+    blend_faces              paste the generated lower face back (face.blend, Gaussian-feathered)
+    lipsync                  the streaming orchestrator (two passes over the video, see below)
+
+``lipsync`` pass 1 streams the template once at 25 fps through the face tracker (memory: the
+landmarks, O(T * 478 * 2) floats, never the frames). The output length comes from the audio
+(``length_mode``: pingpong (default; DESIGN.md §2), loop or trim: ``video.match_length_indices``).
+Pass 2 walks the output in chunks: each chunk is a piece of one monotone run of template indices
+(ping-pong runs forward then backward), read with ``iter_frames(start, max_frames)`` (which seeks)
+and reversed when the run descends; crop, sample, decode, blend, watermark, write. At most
+``chunk_size`` frames are held at once, so peak memory does not grow with the video's length.
+
+Temporal continuity without temporal attention: one noise tensor x_T (1, C, h, w), drawn once
+from ``seed``, is shared by every frame of the video, so the same face, landmarks and audio give
+the same mouth in every chunk (no flicker from independent noise). With
+``cfg.model.temporal_attention`` the frames go in clips of L with the 2 latents generated just
+before each clip as Temp-Att motion frames (paper "+ TempAttn").
+
+Device and dtype are arguments: fp32 on CPU; bf16 / fp16 run the networks under ``torch.autocast``
+with fp32 weights and an fp32 sampler state.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .config import TalkFormerConfig
+from .errors import AudioError, CheckpointError, FaceError, InputError, TalkFormerError, VideoError
+from .face import topology
+
+FPS = 25.0  # the model's frame rate (IP-LAP / paper: video resampled to 25 fps)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+MIN_TRACK_CROP = 64  # face.track.build_track's lower bound on crop_size (tiny configs crop 32 px)
+
+ProgressFn = Callable[[int, int, "np.ndarray | None"], None]
+
+
+# ----------------------------------------------------------------------------------------------
+# model loading (dispatch by checkpoint kind)
+
+@dataclass
+class LoadedModel:
+    """A checkpoint's networks ready for inference.
+
+    kind: the checkpoint's ``kind`` metadata; ``sample_faces`` picks the renderer by it.
+    """
+
+    kind: str
+    config: TalkFormerConfig
+    model: torch.nn.Module  # models.model.TalkFormer for kind "talkformer"
+    schedule: Any  # diffusion.NoiseSchedule
+    device: torch.device
+    dtype: torch.dtype  # compute dtype (autocast when not float32)
+    path: Path | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def crop_size(self) -> int:
+        return int(self.config.model.image_size)
+
+    @property
+    def sequence_length(self) -> int:
+        return int(self.config.model.sequence_length)
+
+    @property
+    def num_references(self) -> int:
+        return int(self.config.model.num_reference_landmarks)
+
+    @property
+    def landmark(self) -> torch.nn.Module:
+        return self.model.landmark
+
+    def autocast(self):
+        """torch.autocast for a reduced compute dtype, else a no-op context."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def _parse_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        d = dtype
+    else:
+        names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+        if str(dtype) not in names:
+            raise InputError(f"dtype {dtype!r}: expected one of fp32, bf16, fp16 (or auto)")
+        d = names[str(dtype)]
+    if d not in (torch.float32, torch.bfloat16, torch.float16):
+        raise InputError(f"dtype {d}: expected float32, bfloat16 or float16")
+    if d == torch.float16 and device.type == "cpu":
+        raise InputError("dtype fp16 is not supported on the CPU; use fp32 (or bf16)")
+    return d
+
+
+def parse_device(device: torch.device | str | None) -> torch.device:
+    """A torch.device the user named, checked to exist (clear error for e.g. 'cuda' without a GPU)."""
+    try:
+        dev = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"device {device!r}: not a torch device name ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r}: CUDA is not available on this machine; use --device cpu")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise InputError(f"device {device!r}: MPS is not available on this machine; use --device cpu")
+    return dev
+
+
+def _load_talkformer(path: Path, meta: dict[str, str], device: torch.device, dtype: torch.dtype,
+                     vae: str | os.PathLike | None, use_ema: bool) -> LoadedModel:
+    from .diffusion import NoiseSchedule
+    from .models.checkpoint import checkpoint_config, load_model_state, load_safetensors, resolve_external_vae
+    from .models.model import TalkFormer
+
+    cfg = checkpoint_config(meta, path)
+    ext = resolve_external_vae(meta, vae, checkpoint_path=path)  # before reading any tensor
+    tensors = load_safetensors(path)
+    if use_ema and any(k.startswith("ema.") for k in tensors):
+        # train/loop.py stores the EMA shadow as "ema.<module>.<key>": it replaces the live weights
+        tensors = {**tensors, **{k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}}
+    try:
+        model = TalkFormer(cfg)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: its config does not build a TalkFormer model ({e})") from None
+    load_model_state(model, tensors, "", source=path, allow_missing=("autoencoder.",) if ext else ())
+    if ext is not None:
+        model.autoencoder.load_ldm_state_dict(ext.state_dict, source=ext.path)
+        model.autoencoder.scale_factor = float(ext.scale_factor)
+    del tensors
+    model.to(device).eval().requires_grad_(False)
+    return LoadedModel("talkformer", cfg, model, NoiseSchedule(cfg.model.diffusion), device, dtype,
+                       Path(path), dict(meta))
+
+
+def _load_iplap(path: Path, meta: dict[str, str], device: torch.device, dtype: torch.dtype,
+                vae: str | os.PathLike | None, use_ema: bool) -> LoadedModel:
+    from .iplap_pipeline import load_iplap_model  # IP-LAP's public weights (convert.py), issue 9
+
+    return load_iplap_model(path, meta, device, dtype, vae, use_ema)
+
+
+# kind -> loader. The IP-LAP renderer ("iplap", convert.py) plugs in here and in _FRAME_RENDERERS below.
+_LOADERS: dict[str, Callable[..., LoadedModel]] = {"talkformer": _load_talkformer, "iplap": _load_iplap}
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str | None = "cpu",
+               dtype: torch.dtype | str | None = None, vae: str | os.PathLike | None = None,
+               use_ema: bool = True) -> LoadedModel:
+    """A checkpoint -> LoadedModel on ``device``; every check (format, kind, config, each tensor's
+    shape, the external VAE's hash) happens here, before any long work. CheckpointError names the
+    file and what was expected. ``use_ema``: prefer the EMA weights when the file has them."""
+    from .models.checkpoint import read_metadata
+
+    p = Path(path)
+    dev = parse_device(device)
+    dt = _parse_dtype(dtype, dev)
+    meta = read_metadata(p)
+    kind = meta["kind"]
+    loader = _LOADERS.get(kind)
+    if loader is None:
+        raise CheckpointError(f"{p}: a checkpoint of kind {kind!r}; the lip-sync pipeline runs kinds "
+                              f"{sorted(_LOADERS)}")
+    return loader(p, meta, dev, dt, vae, use_ema)
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 0: face analysis
+
+@dataclass
+class FaceAnalysis:
+    """Everything the pipeline needs about the template's face, per template frame (no pixels)."""
+
+    track: Any  # face.track.FaceTrack (boxes (T, 3) smoothed square crop boxes px, found, points)
+    landmark_boxes: np.ndarray  # (T, 4) int IP-LAP landmark boxes (x1, y1, x2, y2) px, from filled points
+    openness: np.ndarray  # (T,) lip openness (IP-LAP's measure, normalised image coords); NaN if no face
+    frontalness: np.ndarray  # (T,) in [0, 1], 1 = frontal; NaN if no face
+    crop_size: int
+
+    @property
+    def found(self) -> np.ndarray:
+        return self.track.found
+
+    @property
+    def boxes(self) -> np.ndarray:
+        return self.track.boxes
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.track)
+
+    @property
+    def num_missing(self) -> int:
+        return self.track.num_missing
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        return tuple(self.track.frame_size)
+
+    def points_box(self, t: Any = slice(None)) -> np.ndarray:
+        """The detected (gap-filled) 131 points of template frames ``t`` in their box frame, (..., 131, 2)."""
+        pts = self.track.points131_filled[t].astype(np.float64)
+        return topology.normalize(pts, self.landmark_boxes[t].astype(np.float64)).astype(np.float32)
+
+
+def frontalness(points131: np.ndarray) -> np.ndarray:
+    """(..., 131, 2) px -> (...) in [0, 1]: how frontal the face is, from 2-D points alone.
+
+    Yaw: where the nose tip (mediapipe 4) sits between the cheek contour points 234 and 454
+    (0.5 when frontal); roll: the tilt of the line through the outer eye corners 33 and 263.
+    frontalness = (1 - 2 |r - 0.5|) * cos(roll), clipped to [0, 1].
+    """
+    pos = {m: i for i, m in enumerate(topology.FULL_131)}
+    p = np.asarray(points131, dtype=np.float64)
+    nose, right, left = p[..., pos[4], :], p[..., pos[234], :], p[..., pos[454], :]
+    span = left[..., 0] - right[..., 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = (nose[..., 0] - right[..., 0]) / span
+        eye = p[..., pos[263], :] - p[..., pos[33], :]
+        cos_roll = np.abs(eye[..., 0]) / np.hypot(eye[..., 0], eye[..., 1])
+    return np.clip((1.0 - 2.0 * np.abs(r - 0.5)) * cos_roll, 0.0, 1.0)
+
+
+def analyze_landmarks(face_landmarks: Any, crop_size: int) -> FaceAnalysis:
+    """face.landmarks.FaceLandmarks -> FaceAnalysis (FaceError when no frame has a face)."""
+    from .face.track import build_track
+
+    track = build_track(face_landmarks, crop_size=max(int(crop_size), MIN_TRACK_CROP))
+    if track.crop_size != crop_size:  # the track's boxes do not depend on the crop size
+        track = dataclasses.replace(track, crop_size=int(crop_size))
+    h, w = track.frame_size
+    filled = track.points131_filled
+    lboxes = np.array([topology.landmark_box(p, w, h) for p in filled], dtype=np.int64).reshape(-1, 4)
+    raw = track.points131  # NaN where not found
+    openness = np.asarray(topology.lip_openness(raw.astype(np.float64), size=(h, w)), dtype=np.float64)
+    front = frontalness(raw)
+    openness[~track.found] = np.nan
+    front[~track.found] = np.nan
+    return FaceAnalysis(track, lboxes, openness, front, int(crop_size))
+
+
+def analyze_frames(frames: Iterable[np.ndarray], crop_size: int, face_index: int | None = None,
+                   progress: Callable[[int], None] | None = None, source: str = "video") -> FaceAnalysis:
+    """Frames (any iterable of uint8 (H, W, 3) RGB, streamed) -> FaceAnalysis.
+
+    mediapipe FaceMesh in tracking mode; ``face_index`` None tracks the largest face, K the K-th
+    largest. Frames without a face get found False (their boxes and points are interpolated; the
+    pipeline passes them through unchanged). FaceError naming ``source`` if no frame has a face.
+    """
+    from .face.landmarks import LandmarkDetector
+
+    max_faces = max(4, (face_index or 0) + 1)
+    with LandmarkDetector(max_num_faces=max_faces, face_index=face_index) as det:
+        lm = det.detect_sequence(frames, progress=progress)
+    if not lm.found.any():
+        which = "a face" if face_index is None else f"face #{face_index} (largest first)"
+        raise FaceError(f"{source}: expected {which}, but mediapipe FaceMesh found none in any of its "
+                        f"{len(lm)} frame(s)")
+    return analyze_landmarks(lm, crop_size)
+
+
+def choose_reference_frame(analysis: FaceAnalysis, override: int | None = None) -> int:
+    """The template frame whose crop is the R-Align reference: the most open and most frontal mouth.
+
+    Score = (openness / max openness) * frontalness over frames with a face (open lips show the
+    teeth and inner mouth the generator copies; a frontal face aligns best with every frame).
+    ``override`` (e.g. --reference-frame) is checked and returned.
+    """
+    n = analysis.num_frames
+    if override is not None:
+        if not 0 <= int(override) < n:
+            raise InputError(f"reference frame {override}: expected 0 <= frame < {n} (template frames at 25 fps)")
+        if not analysis.found[int(override)]:
+            raise FaceError(f"reference frame {override}: no face was found in that template frame")
+        return int(override)
+    o = analysis.openness
+    top = np.nanmax(o)
+    score = (o / top if top > 0 else np.ones_like(o)) * analysis.frontalness
+    score = np.where(analysis.found, np.nan_to_num(score, nan=-1.0), -np.inf)
+    return int(np.argmax(score))
+
+
+def reference_landmark_sets(analysis: FaceAnalysis, n: int) -> np.ndarray:
+    """N reference full-face landmark sets (N, 131, 2), each in its own box frame, from frames
+    spread over the range of lip openness (IP-LAP inference_single.py:342-351, ``pick_spread``)."""
+    idx = topology.pick_spread(analysis.openness, n)
+    return analysis.points_box(idx)
+
+
+# ----------------------------------------------------------------------------------------------
+# audio
+
+@dataclass
+class AudioFeatures:
+    windows: np.ndarray  # (T, 80, 16) float32 mel windows, one per video frame
+    num_frames: int  # T
+    fps: float
+    waveform: np.ndarray | None = None  # (C, n) float32 at ``sample_rate``: what gets muxed
+    sample_rate: int = 16000
+    source: str = "audio"
+
+    @property
+    def duration(self) -> float:
+        return self.num_frames / self.fps
+
+
+def audio_features(audio: str | os.PathLike | np.ndarray | tuple[Any, int], fps: float = FPS,
+                   num_frames: int | None = None) -> AudioFeatures:
+    """Audio -> per-video-frame mel windows (DESIGN.md §2).
+
+    ``audio``: a file path (any audio file, or a video's audio track), a (waveform, sample_rate)
+    pair (shapes as ``audio.to_16k_mono``), or a 16 kHz mono float array. T defaults to
+    ceil(duration * fps). AudioError for a missing / unreadable file, no audio stream, zero length.
+    The original waveform (at most 2 channels, at its own rate) is kept for muxing.
+    """
+    from .audio import audio_windows, num_video_frames, read_audio, to_16k_mono
+
+    if isinstance(audio, (str, os.PathLike)):
+        source = str(audio)
+        data, sr = read_audio(audio)  # (C, n), errors name the file
+        if not np.all(np.isfinite(data)):
+            raise AudioError(f"{source}: audio contains NaN or infinite samples")
+    elif isinstance(audio, tuple) and len(audio) == 2:
+        source = "audio waveform"
+        wav, sr = audio
+        # to (C, n) for muxing, by the rules of audio.to_16k_mono (which validates it below)
+        from .audio.io import _to_float32
+
+        data = _to_float32(np.asarray(wav.detach().cpu().float().numpy() if hasattr(wav, "detach") else wav))
+        if data.ndim == 3:
+            data = data[0]
+        if data.ndim == 2 and data.shape[0] > 64 and data.shape[1] <= 8:
+            data = data.T
+        if data.ndim == 1:
+            data = data[None]
+    else:
+        source = "audio waveform"
+        data, sr = np.asarray(audio, dtype=np.float32).reshape(1, -1), 16000
+    try:
+        wav16 = to_16k_mono(data, sr)
+    except AudioError as e:
+        raise AudioError(str(e).replace("waveform", source, 1)) from None
+    n = num_video_frames(len(wav16), fps)
+    if n <= 0:
+        raise AudioError(f"{source}: zero-length audio")
+    if num_frames is None:
+        num_frames = n
+    _, windows = audio_windows(wav16, num_frames, fps)
+    mux = data if data.shape[0] <= 2 else data.mean(axis=0, keepdims=True)
+    return AudioFeatures(windows, int(num_frames), float(fps), np.ascontiguousarray(mux, dtype=np.float32),
+                         int(sr), source)
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 1: landmark completion
+
+@torch.no_grad()
+def complete_landmarks(model: LoadedModel, analysis: FaceAnalysis, audio: AudioFeatures,
+                       frame_indices: Sequence[int] | np.ndarray, references: np.ndarray | None = None,
+                       batch_windows: int = 64) -> np.ndarray:
+    """Target landmarks of every output frame, (T, 131, 2) in each template frame's box frame.
+
+    Output frame k shows template frame ``frame_indices[k]`` and hears mel window k. The output is
+    cut into NON-overlapping windows of the config's L frames (the L of batched sequential training,
+    paper §III-B); the last window, when T is not a multiple of L, is padded by repeating its last
+    frame (mel and pose) and the padded predictions are dropped. Windows run in batches. The pose
+    74 points are copied through unchanged; jaw 17 and lips 40 are predicted.
+    """
+    from .models.landmark_completion import LandmarkCompletion  # noqa: F401  (type of model.landmark)
+
+    idx = np.asarray(frame_indices, dtype=np.int64)
+    T = len(idx)
+    if audio.num_frames < T:
+        raise InputError(f"{audio.source}: {audio.num_frames} audio frames for {T} output frames")
+    L = model.sequence_length
+    refs = reference_landmark_sets(analysis, model.num_references) if references is None else references
+    pose_all = analysis.points_box(idx)[:, list(topology.POSE_POS)]  # (T, 74, 2)
+    mels_all = audio.windows[:T]  # (T, 80, 16)
+    n_win = math.ceil(T / L)
+    pad = n_win * L - T
+    if pad:
+        pose_all = np.concatenate([pose_all, np.repeat(pose_all[-1:], pad, 0)])
+        mels_all = np.concatenate([mels_all, np.repeat(mels_all[-1:], pad, 0)])
+    dev = model.device
+    net = model.landmark
+    ref_t = torch.as_tensor(refs, dtype=torch.float32, device=dev)[None]  # (1, N, 131, 2)
+    out = np.empty((n_win * L, 131, 2), np.float32)
+    for w0 in range(0, n_win, batch_windows):
+        w1 = min(n_win, w0 + batch_windows)
+        B = w1 - w0
+        sl = slice(w0 * L, w1 * L)
+        mels = torch.as_tensor(mels_all[sl], device=dev).view(B, L, 1, 80, 16)
+        pose = torch.as_tensor(pose_all[sl], device=dev).view(B, L, 74, 2)
+        # fp32: 13.7 M parameters, negligible next to the U-Net, and coordinates want the precision
+        pred = net.complete(mels, pose, ref_t.expand(B, -1, -1, -1))  # (B, L, 131, 2)
+        out[sl] = pred.reshape(B * L, 131, 2).float().cpu().numpy()
+    return out[:T]
+
+
+def landmarks_to_crop(analysis: FaceAnalysis, landmarks_box: np.ndarray,
+                      frame_indices: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Box-frame landmarks of output frames (T, 131, 2) -> the crop frame [0, 1] of the template
+    frame each shows (what M-Align sees; face.topology.box_to_crop)."""
+    idx = np.asarray(frame_indices, dtype=np.int64)
+    return topology.box_to_crop(landmarks_box.astype(np.float64), analysis.landmark_boxes[idx].astype(np.float64),
+                                analysis.boxes[idx]).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 2: diffusion inpainting of the lower face
+
+def crops_to_tensor(crops: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
+    x = torch.as_tensor(np.ascontiguousarray(crops), device=device)
+    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def tensor_to_crops(x: torch.Tensor) -> np.ndarray:
+    """float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
+    y = ((x.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return y.permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def encode_reference(model: LoadedModel, crop: np.ndarray) -> Any:
+    """The reference face crop (S, S, 3) uint8 (whole face, unmasked) -> the U-Net's ReferenceCache:
+    z_r = E(crop), its appearance features and every R-Align block's K/V (once per video, §5)."""
+    S = model.crop_size
+    if crop.shape != (S, S, 3):
+        raise InputError(f"reference crop: expected ({S}, {S}, 3) uint8, got {crop.shape}")
+    with model.autocast():
+        z_r = model.model.encode(crops_to_tensor(crop[None], model.device))  # (1, C, h, w)
+        return model.model.prepare_reference(z_r)
+
+
+def initial_noise(model: LoadedModel, seed: int) -> torch.Tensor:
+    """The clip's fixed x_T (1, C, h, w), drawn on the CPU from ``seed`` (the same on every device)."""
+    m = model.config.model
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randn((1, m.latent_channels, m.latent_size, m.latent_size), generator=g)
+
+
+@torch.no_grad()
+def _sample_latents_talkformer(model: LoadedModel, crops: np.ndarray, landmarks_crop: np.ndarray, reference: Any,
+                               steps: int, sampler: str, noise: torch.Tensor, eta: float,
+                               step_callback: Callable[[int, int], None] | None,
+                               generator: torch.Generator | None, motion: torch.Tensor | None
+                               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """-> (x0 latents (B, C, h, w) fp32, the motion latents for the next call or None)."""
+    from .diffusion import get_sampler
+
+    tf = model.model
+    fn = get_sampler(sampler)
+    B = crops.shape[0]
+    dev = model.device
+    cb = None if step_callback is None else (lambda i, n, x, x0: step_callback(i, n))
+    L = model.sequence_length if model.config.model.temporal_attention else None
+    with model.autocast():
+        known = tf.encode_masked(crops_to_tensor(crops, dev)).float()  # (B, C, h, w)
+        h, w = known.shape[2:]
+        mask = tf.known_mask(h, w, device=dev).bool()  # (1, 1, h, w) upper half
+        lms = torch.as_tensor(landmarks_crop, dtype=torch.float32, device=dev)
+        x_T = noise.to(dev, torch.float32).expand(B, -1, -1, -1).contiguous()
+        if L is None:
+            lc = tf.prepare_landmarks(lms)  # step-invariant M-Align K/V, once per frame
+
+            def model_fn(x, t):
+                with model.autocast():
+                    return tf.unet(x, t, lc, reference).float()
+
+            out = fn(model_fn, x_T, model.schedule, steps, known=known, known_mask=mask, eta=eta,
+                     callback=cb, generator=generator)
+            return out, None
+        # + TempAttn: clips of L frames (the last padded by repeating), 2 motion frames carried over
+        M = model.config.model.unet.num_motion_frames
+        outs = []
+        for c0 in range(0, B, L):
+            sel = list(range(c0, min(B, c0 + L)))
+            sel += [sel[-1]] * (L - len(sel))
+            lc = tf.prepare_landmarks(lms[sel])
+            mc = None if motion is None else tf.prepare_motion(motion[None].to(dev))
+
+            def model_fn(x, t, lc=lc, mc=mc):
+                with model.autocast():
+                    return tf.unet(x, t, lc, reference, motion=mc, num_frames=L).float()
+
+            x0 = fn(model_fn, x_T[sel], model.schedule, steps, known=known[sel], known_mask=mask, eta=eta,
+                    callback=cb, generator=generator)
+            n_real = min(B, c0 + L) - c0
+            outs.append(x0[:n_real])
+            motion = x0[n_real - M:n_real] if n_real >= M else torch.cat([x0[:1]] * (M - n_real) + [x0[:n_real]])
+        return torch.cat(outs), motion
+
+
+# kind -> (crops, landmarks, reference, ...) -> latents. The IP-LAP renderer plugs in here.
+_RENDERERS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor | None]]] = {
+    "talkformer": _sample_latents_talkformer,
+    "iplap": lambda model, *a, **k: model.model.encode(),  # IPLAPModel: a clear "no diffusion stage" error
+}
+
+
+def _iplap_frame_renderer() -> Any:
+    from .iplap_pipeline import IPLAPFrameRenderer
+
+    return IPLAPFrameRenderer
+
+
+# kind -> (a factory of) a renderer of whole frames that lipsync calls per chunk instead of the
+# latent sampler: cls.check(model) before long work; cls(model, analysis, audio, plan, read_frame,
+# options)(frames, k0, k1, found, step_callback) -> (frames, preview face, watermark boxes).
+_FRAME_RENDERERS: dict[str, Callable[[], Any]] = {"iplap": _iplap_frame_renderer}
+
+
+@torch.no_grad()
+def _decode(model: LoadedModel, z: torch.Tensor) -> np.ndarray:
+    with model.autocast():
+        return tensor_to_crops(model.model.decode(z))
+
+
+@torch.no_grad()
+def sample_faces(model: LoadedModel, crops: np.ndarray, landmarks_crop: np.ndarray, reference: Any,
+                 steps: int = 25, sampler: str = "ddim", seed: int = 0, eta: float = 0.0,
+                 callback: Callable[[int, int], None] | None = None, noise: torch.Tensor | None = None,
+                 batch_size: int | None = None, motion: torch.Tensor | None = None) -> np.ndarray:
+    """Generate the lower face of each crop. crops (B, S, S, 3) uint8 (the template's face crops),
+    landmarks_crop (B, 131, 2) target landmarks in the crop frame, reference: ``encode_reference``'s
+    cache -> (B, S, S, 3) uint8 generated crops (upper half: the autoencoder's reconstruction).
+
+    The upper latent half is E(masked crop)[:h/2], fixed by the sampler at every step (DESIGN.md §1).
+    ``noise`` (1, C, h, w): the shared x_T (default: drawn from ``seed``; every frame gets the same,
+    so identical inputs give identical faces). ``callback(step, num_steps)`` runs after every
+    sampler step; raise from it to stop. ``batch_size`` splits B (default: all at once).
+    """
+    crops = np.asarray(crops)
+    if crops.ndim != 4 or crops.shape[1:] != (model.crop_size, model.crop_size, 3) or crops.dtype != np.uint8:
+        raise InputError(f"sample_faces: crops must be uint8 (B, {model.crop_size}, {model.crop_size}, 3), "
+                         f"got {crops.dtype} {crops.shape}")
+    if landmarks_crop.shape != (crops.shape[0], 131, 2):
+        raise InputError(f"sample_faces: landmarks must be ({crops.shape[0]}, 131, 2), got {landmarks_crop.shape}")
+    if int(steps) < 1:
+        raise InputError(f"steps {steps}: expected >= 1")
+    x_T = initial_noise(model, seed) if noise is None else noise
+    gen = torch.Generator(device=model.device).manual_seed(int(seed)) if eta > 0 else None
+    render = _RENDERERS[model.kind]
+    bs = batch_size or crops.shape[0]
+    out = []
+    for b0 in range(0, crops.shape[0], bs):
+        z, motion = render(model, crops[b0:b0 + bs], landmarks_crop[b0:b0 + bs], reference, int(steps), sampler,
+                           x_T, float(eta), callback, gen, motion)
+        out.append(_decode(model, z))
+    return np.concatenate(out)
+
+
+def blend_faces(frames: Sequence[np.ndarray], crops: np.ndarray, boxes: np.ndarray, found: np.ndarray,
+                feather: int | None = None) -> list[np.ndarray]:
+    """Paste each generated crop's lower face into its frame (Gaussian-feathered alpha,
+    face.blend.paste_back). Frames with found False come back unchanged (copies); pixels outside
+    each crop box are bit-identical to the input."""
+    from .face.blend import lower_face_mask, paste_back
+
+    out = []
+    mask = None
+    for i, frame in enumerate(frames):
+        if not bool(found[i]):
+            out.append(np.array(frame, copy=True))
+            continue
+        if mask is None:
+            mask = lower_face_mask(crops.shape[1], feather)
+        out.append(paste_back(frame, crops[i], boxes[i], mask=mask))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the streaming orchestrator
+
+@dataclass
+class SyncOptions:
+    steps: int = 25
+    sampler: str = "ddim"
+    eta: float = 0.0
+    seed: int = 0
+    reference_frame: int | None = None  # template frame (25 fps) for the R-Align reference; None = auto
+    face_index: int | None = None  # None = largest face
+    length_mode: str = "pingpong"  # pingpong | loop | trim
+    feather: int | None = None  # crop pixels; None = face.blend.default_feather
+    batch_size: int = 8  # frames denoised together
+    chunk_size: int = 32  # frames held in memory at once in pass 2
+    watermark: bool = True  # invisible rivaGan mark in the face box (provenance.py)
+    crf: int = 18
+    num_references: int | None = None  # N; None = the config's
+    iplap_references: int = 25  # IP-LAP checkpoints: the renderer's reference frames (IP-LAP: 25)
+
+
+@dataclass
+class SyncResult:
+    out_path: Path
+    num_frames: int  # output frames (25 fps)
+    template_frames: int
+    num_faceless: int  # output frames passed through unchanged (no face in their template frame)
+    reference_frame: int
+    fps: float
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def _is_image(video: Any) -> bool:
+    return isinstance(video, np.ndarray) or (isinstance(video, (str, os.PathLike))
+                                             and Path(video).suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file -> uint8 (H, W, 3) RGB; InputError naming the file if unreadable."""
+    import cv2
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: image file not found")
+    img = cv2.imread(str(p), cv2.IMREAD_COLOR)
+    if img is None:
+        raise InputError(f"{p}: not a readable image (expected png, jpg, bmp, webp or tiff)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _check_image_array(a: Any) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
+        raise InputError(f"template image: expected uint8 (H, W, 3) RGB, got {a.dtype} {a.shape}")
+    return a
+
+
+def runs(plan: np.ndarray, max_len: int) -> list[tuple[int, int, int]]:
+    """Cut an index plan into pieces of monotone runs: (output start, template start, step) with
+    step +1 (forward), -1 (backward) or 0 (one frame repeated), each at most ``max_len`` long.
+    -> list of (k0, k1, step): output indices [k0, k1)."""
+    out = []
+    k, n = 0, len(plan)
+    while k < n:
+        j = k + 1
+        step = 0 if j >= n else int(plan[j] - plan[k])
+        if step not in (-1, 0, 1):
+            step = 0
+        while j < n and j - k < max_len and int(plan[j] - plan[j - 1]) == step:
+            j += 1
+        out.append((k, j, step))
+        k = j
+    return out
+
+
+def _read_template(video: Any, image: np.ndarray | None, t_lo: int, count: int) -> list[np.ndarray]:
+    """Template frames t_lo .. t_lo + count - 1 (25 fps), streamed from the file."""
+    from .video import iter_frames
+
+    if image is not None:
+        return [image] * count
+    frames = list(iter_frames(video, FPS, start=t_lo, max_frames=count))
+    if len(frames) != count:
+        raise VideoError(f"{video}: expected frames {t_lo}..{t_lo + count - 1} at 25 fps, the file gave "
+                         f"{len(frames)} (it changed or is truncated)")
+    return frames
+
+
+def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedModel | str | os.PathLike,
+            out_path: str | os.PathLike, options: SyncOptions | None = None,
+            callback: ProgressFn | None = None, device: Any = "cpu", dtype: Any = None,
+            vae: str | os.PathLike | None = None) -> SyncResult:
+    """Lip-sync ``video`` (a video file, an image file, or an image array (H, W, 3) uint8) to
+    ``audio`` (a file or (waveform, sample_rate)) and write ``out_path`` (mp4, h264 + AAC).
+
+    ``model``: a LoadedModel, or a checkpoint path (loaded on ``device`` / ``dtype`` with ``vae``).
+    ``callback(done_frames, total_frames, preview_crop_or_None)``: after each chunk (with its last
+    generated crop) and after each sampler step (preview None); raise from it to stop the run
+    (out_path is then left untouched: the writer is atomic). Every input is checked before the
+    long work: VideoError / AudioError / CheckpointError / FaceError / InputError name the input.
+    """
+    from .diffusion import get_sampler
+    from .face.blend import lower_face_mask
+    from .face.track import crop_frame
+    from .provenance import GENERATOR_TAG, Watermarker
+    from .video import PLAN_MODES, VideoWriter, iter_frames, match_length_indices, probe_video
+
+    t_start = time.time()
+    opt = dataclasses.replace(options) if options is not None else SyncOptions()
+    out_path = Path(out_path)
+    # ---- checks, cheapest first, before any long work
+    if opt.length_mode not in PLAN_MODES:
+        raise InputError(f"length mode {opt.length_mode!r}: expected one of {PLAN_MODES}")
+    get_sampler(opt.sampler)
+    if int(opt.steps) < 1:
+        raise InputError(f"steps {opt.steps}: expected >= 1")
+    if opt.batch_size < 1 or opt.chunk_size < 1:
+        raise InputError(f"batch_size and chunk_size must be >= 1, got {opt.batch_size}, {opt.chunk_size}")
+    if out_path.suffix.lower() not in ("", ".mp4", ".m4v", ".mov", ".mkv"):
+        raise InputError(f"{out_path}: expected an .mp4 output path")
+    image: np.ndarray | None = None
+    if _is_image(video):
+        image = _check_image_array(video if isinstance(video, np.ndarray) else read_image(video))
+        source = "template image" if isinstance(video, np.ndarray) else str(video)
+    else:
+        probe_video(video)  # VideoError for missing / corrupt / truncated / no video stream
+        source = str(video)
+        if out_path.exists() and out_path.resolve() == Path(video).resolve():
+            raise InputError(f"{out_path}: the output would overwrite the template video; choose another path")
+    aud = audio_features(audio, FPS)
+    if not isinstance(model, LoadedModel):
+        model = load_model(model, device=device, dtype=dtype, vae=vae)
+    frame_renderer = _FRAME_RENDERERS[model.kind]() if model.kind in _FRAME_RENDERERS else None
+    if frame_renderer is not None:
+        frame_renderer.check(model)  # e.g. an IP-LAP file converted without its renderer
+    S = model.crop_size
+    mask = lower_face_mask(S, opt.feather)  # checks the feather width
+    marker = Watermarker() if opt.watermark else None
+    if marker is not None:
+        marker.load()  # onnxruntime missing -> a clear error now, not after the sampling
+    warn: list[str] = []
+
+    # ---- pass 1: face analysis (streamed; landmarks only)
+    if image is not None:
+        analysis = analyze_frames([image], S, opt.face_index, source=source)
+    else:
+        analysis = analyze_frames(iter_frames(video, FPS), S, opt.face_index, source=source)
+    n_video = analysis.num_frames
+    ref_idx = choose_reference_frame(analysis, opt.reference_frame)
+
+    # ---- the output plan and stage 1 for every output frame (O(T * 131 * 2) floats)
+    plan = match_length_indices(n_video, aud.num_frames, opt.length_mode)  # template index per output frame
+    T = len(plan)
+    if frame_renderer is None:  # (a frame renderer runs stage 1 itself, per window)
+        n_refs = opt.num_references or model.num_references
+        refs = reference_landmark_sets(analysis, n_refs)
+        lm_box = complete_landmarks(model, analysis, aud, plan, references=refs)  # (T, 131, 2)
+        lm_crop = landmarks_to_crop(analysis, lm_box, plan)  # (T, 131, 2)
+    found_out = analysis.found[plan]
+    n_faceless = int((~found_out).sum())
+    if n_faceless:
+        msg = (f"{source}: no face in {analysis.num_missing} of {n_video} template frames; "
+               f"{n_faceless} of {T} output frames pass through unchanged")
+        warn.append(msg)
+        warnings.warn(msg, stacklevel=2)
+
+    if frame_renderer is None:
+        ref_frame = image if image is not None else _read_template(video, None, ref_idx, 1)[0]
+        reference = encode_reference(model, crop_frame(ref_frame, analysis.boxes[ref_idx], S))
+        del ref_frame
+        noise = initial_noise(model, opt.seed)
+        gen = torch.Generator(device=model.device).manual_seed(int(opt.seed)) if opt.eta > 0 else None
+        render = _RENDERERS[model.kind]
+    else:  # whole-frame renderer (IP-LAP): reads its reference frames once, here
+        render_frames = frame_renderer(model, analysis, aud, plan,
+                                       lambda t: _read_template(video, image, int(t), 1)[0], opt)
+
+    done = 0
+
+    def step_cb(i: int, n: int) -> None:
+        if callback is not None:
+            callback(done, T, None)
+
+    # ---- pass 2: chunks of monotone runs; crop, sample, decode, blend, mark, write
+    motion = None
+    metadata = {"comment": GENERATOR_TAG}
+    with VideoWriter(out_path, FPS, audio=aud.waveform, audio_rate=aud.sample_rate, crf=opt.crf,
+                     metadata=metadata) as writer:
+        for k0, k1, step in runs(plan, opt.chunk_size):
+            t_idx = plan[k0:k1]
+            lo = int(t_idx.min())
+            frames = _read_template(video, image, lo, int(t_idx.max()) - lo + 1)
+            if step < 0:
+                frames = frames[::-1]
+            elif step == 0:
+                frames = frames[:1] * (k1 - k0)
+            found = found_out[k0:k1]
+            if frame_renderer is not None:
+                out_frames, preview, mark_boxes = render_frames(frames, k0, k1, found, step_cb)
+            else:
+                boxes = analysis.boxes[t_idx]
+                sel = np.flatnonzero(found)
+                gen_crops = np.zeros((k1 - k0, S, S, 3), np.uint8)
+                for b0 in range(0, len(sel), opt.batch_size):
+                    bsel = sel[b0:b0 + opt.batch_size]
+                    crops = np.stack([crop_frame(frames[i], boxes[i], S) for i in bsel])
+                    z, motion = render(model, crops, lm_crop[k0 + bsel], reference, int(opt.steps), opt.sampler,
+                                       noise, float(opt.eta), step_cb, gen, motion)
+                    gen_crops[bsel] = _decode(model, z)
+                out_frames = blend_faces(frames, gen_crops, boxes, found, opt.feather)
+                mark_boxes, preview = boxes, (gen_crops[sel[-1]] if len(sel) else None)
+            del frames
+            for i, f in enumerate(out_frames):
+                if marker is not None and found[i]:
+                    f = marker.embed_region(f, mark_boxes[i])
+                writer.write(f)
+            done = k1
+            if callback is not None:
+                callback(done, T, preview)
+    return SyncResult(out_path, T, n_video, n_faceless, ref_idx, FPS, time.time() - t_start, warn)
+
+
+__all__ = [
+    "FPS", "LoadedModel", "load_model", "parse_device", "FaceAnalysis", "analyze_frames", "analyze_landmarks",
+    "frontalness", "choose_reference_frame", "reference_landmark_sets", "AudioFeatures", "audio_features",
+    "complete_landmarks", "landmarks_to_crop", "encode_reference", "initial_noise", "sample_faces",
+    "blend_faces", "SyncOptions", "SyncResult", "lipsync", "runs", "read_image", "crops_to_tensor",
+    "tensor_to_crops", "TalkFormerError",
+]
