@@ -214,23 +214,40 @@ class FaceWarper:
         self.box = (x0, y0, x1 + 1, y1 + 1)
 
     def warp(self, p: np.ndarray) -> np.ndarray:
+        """The photo warped so that its points ``p0`` land on ``p`` (478, 2) px.
+
+        Piecewise affine over the rest shape's fixed triangles: each pixel of the output is labelled
+        with the deformed triangle that covers it (``cv2.fillConvexPoly`` into an id map), and its
+        source position is that triangle's affine map (deformed -> rest) applied to it; pixels in
+        no triangle stay where they are. (An earlier version re-triangulated the deformed points
+        with scipy's LinearNDInterpolator every frame: the same map for small deformations, 20x
+        slower.)
+        """
         import cv2
-        from scipy.interpolate import LinearNDInterpolator
 
         x0, y0, x1, y1 = self.box
-        dst = np.concatenate([p, self.anchors])
-        src = np.concatenate([self.p0, self.anchors])
-        # Backward map: for every output pixel, where it comes from in the photo. Linear inside
-        # each deformed triangle = piecewise affine; the Delaunay of the deformed points is used for
-        # the look-up (small deformations keep the triangulation valid).
-        interp = LinearNDInterpolator(dst, src)
-        gx, gy = np.meshgrid(np.arange(x0, x1, dtype=np.float32), np.arange(y0, y1, dtype=np.float32))
-        m = interp(np.stack([gx.ravel(), gy.ravel()], 1)).reshape(gy.shape + (2,))
-        nan = np.isnan(m[..., 0])
-        m[nan, 0] = gx[nan]
-        m[nan, 1] = gy[nan]
+        dst = np.concatenate([p, self.anchors])  # (V, 2) deformed
+        src = np.concatenate([self.p0, self.anchors])  # (V, 2) rest
+        tri = self.tri  # (M, 3)
+        # affine per triangle: A_k [x, y, 1]^T (deformed) = source (x, y); solve the 3x3 systems
+        d = np.concatenate([dst[tri], np.ones(tri.shape + (1,))], axis=2)  # (M, 3, 3)
+        det = np.linalg.det(d)
+        ok = np.abs(det) > 1e-9  # degenerate (collapsed) triangles cover no pixel
+        aff = np.zeros((len(tri), 3, 2))
+        aff[ok] = np.linalg.solve(d[ok], src[tri][ok])  # (M, 3, 2): [x y 1] @ aff = (sx, sy)
+        ids = np.full((y1 - y0, x1 - x0), -1, np.int32)
+        for k in np.flatnonzero(ok):
+            poly = np.round((dst[tri[k]] - (x0, y0)) * 16).astype(np.int32)
+            cv2.fillConvexPoly(ids, poly, int(k), lineType=cv2.LINE_8, shift=4)
+        gx, gy = np.meshgrid(np.arange(x0, x1, dtype=np.float64), np.arange(y0, y1, dtype=np.float64))
+        a = aff[np.maximum(ids, 0)]  # (h, w, 3, 2)
+        mx = gx * a[..., 0, 0] + gy * a[..., 1, 0] + a[..., 2, 0]
+        my = gx * a[..., 0, 1] + gy * a[..., 1, 1] + a[..., 2, 1]
+        none = ids < 0
+        mx[none] = gx[none]
+        my[none] = gy[none]
         out = self.image.copy()
-        out[y0:y1, x0:x1] = cv2.remap(self.image, m[..., 0].astype(np.float32), m[..., 1].astype(np.float32),
+        out[y0:y1, x0:x1] = cv2.remap(self.image, mx.astype(np.float32), my.astype(np.float32),
                                       cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
         return out
 

@@ -1,0 +1,80 @@
+"""TalkingFaceDataset: shapes, frames, masks, reference choice, determinism."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_helpers import tiny_config, write_shards  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("shards"), crop_size=32, seeds=(0,))
+
+
+def test_sample_shapes_and_frames(shards):
+    from talkformer_core.data.dataset import TalkingFaceDataset
+    from talkformer_core.face import topology
+
+    cfg = tiny_config()
+    ds = TalkingFaceDataset(shards, cfg, frames=(0.0, 0.8))
+    L, N, S = 5, 5, 32
+    T = 40
+    assert len(ds) == int(0.8 * T) - L + 1
+    s = ds[(3, 1)]
+    shapes = {k: tuple(v.shape) for k, v in s.items()}
+    assert shapes == {"crops": (L, 3, S, S), "masked": (L, 3, S, S), "mels": (L, 1, 80, 16), "pose": (L, 74, 2),
+                      "target_box": (L, 131, 2), "target_crop": (L, 131, 2), "landmark_box": (L, 4),
+                      "crop_box": (L, 3), "reference": (3, S, S), "ref_landmarks": (N, 131, 2),
+                      "frame_index": (L,), "clip_index": ()}
+    assert s["crops"].min() >= -1 and s["crops"].max() <= 1
+    assert torch.equal(s["masked"][:, :, :S // 2], s["crops"][:, :, :S // 2])
+    assert (s["masked"][:, :, S // 2:] == -1).all()
+    assert torch.equal(s["pose"], s["target_box"][:, list(topology.POSE_POS)])
+    # box -> crop affine per frame maps the box-frame target onto the crop-frame target
+    mapped = topology.box_to_crop(s["target_box"].double(), s["landmark_box"].double(), s["crop_box"].double())
+    assert torch.allclose(mapped.float(), s["target_crop"], atol=1e-4)
+    # same (index, epoch): same sample; other epoch: other references
+    assert all(torch.equal(v, ds[(3, 1)][k]) for k, v in s.items())
+    assert not torch.equal(ds[(3, 2)]["ref_landmarks"], s["ref_landmarks"]) or \
+        not torch.equal(ds[(3, 2)]["reference"], s["reference"])
+    # references are frames outside the window, inside the training part
+    z = np.load(next(Path(shards).glob("*.npz")))
+    win = set(s["frame_index"].tolist())
+    allowed = [t for t in range(0, 32) if t not in win]
+    ref_ids = [int(np.argmin(np.abs(z["points131_box"][allowed] - r.numpy()).sum((1, 2)))) for r in s["ref_landmarks"]]
+    for i, r in zip(ref_ids, s["ref_landmarks"]):
+        assert np.allclose(z["points131_box"][allowed[i]], r.numpy())
+
+
+def test_holdout_and_deterministic_references(shards):
+    from talkformer_core.data.dataset import TalkingFaceDataset
+    from talkformer_core.face import topology
+
+    cfg = tiny_config()
+    test = TalkingFaceDataset(shards, cfg, split="test", frames=(0.8, 1.0))
+    assert test.deterministic and len(test) == 8 - 5 + 1
+    s = test[0]
+    assert s["frame_index"].min() >= 32
+    # spread over lip openness: sorted openness of the N references covers the range of the candidates
+    opn = topology.lip_openness(s["ref_landmarks"].double())
+    assert len(set(opn.tolist())) >= 2
+    assert torch.equal(test[0]["ref_landmarks"], test[(0, 5)]["ref_landmarks"])
+
+
+def test_found_false_frames_are_never_targets(shards, tmp_path):
+    from talkformer_core.data.dataset import TalkingFaceDataset
+    from talkformer_core.data.preprocess import save_shard
+
+    z = dict(np.load(next(Path(shards).glob("*.npz"))))
+    z["found"][10] = False
+    save_shard(tmp_path / "holes.npz", z)
+    ds = TalkingFaceDataset(tmp_path, tiny_config())
+    for i in range(len(ds)):
+        assert 10 not in ds.windows[i][1] + np.arange(5)
+    assert len(ds) == 40 - 5 + 1 - 5

@@ -1,0 +1,195 @@
+"""Training loop: end-to-end gradient (DESIGN.md §1), bit-identical resume, DDP = accumulation,
+--init-landmarks, the autoencoder stage's scale factor."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_helpers import tiny_config, write_autoencoder, write_shards  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("shards"), crop_size=32, seeds=(0, 1))
+
+
+@pytest.fixture(scope="module")
+def ae_file(tmp_path_factory):
+    return write_autoencoder(tmp_path_factory.mktemp("ae") / "ae.safetensors", tiny_config())
+
+
+def _tensors(path):
+    from talkformer_core.models.checkpoint import load_safetensors
+
+    return load_safetensors(path)
+
+
+@pytest.mark.parametrize("end_to_end", [True, False])
+def test_ldm_gradient_reaches_landmark_module_only_end_to_end(shards, ae_file, end_to_end):
+    """After the first optimiser step (zero-initialised TalkFormer convs are then non-zero), L_ldm
+    alone gives non-zero gradients in the completion module with end_to_end=True, exactly zero without."""
+    from talkformer_core.data.dataset import TalkingFaceDataset
+    from talkformer_core.models.checkpoint import load_model_state, read_checkpoint
+    from talkformer_core.models.model import TalkFormer
+    from talkformer_core.train.loop import TalkFormerStep
+
+    cfg = tiny_config(end_to_end=end_to_end)
+    torch.manual_seed(0)
+    model = TalkFormer(cfg)
+    load_model_state(model.autoencoder, read_checkpoint(ae_file)[0], "autoencoder")
+    step = TalkFormerStep(model, cfg).train()
+    ds = TalkingFaceDataset(shards, cfg)
+    batch = torch.utils.data.default_collate([ds[i] for i in (0, 7)])
+    params = [p for m in (model.landmark, model.unet, model.appearance) for p in m.parameters()]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+
+    # at initialisation: the zero output convs block the path, so even end to end it is zero
+    model.zero_grad()
+    step.losses(batch, g())["ldm"].backward()
+    lm0 = [p.grad for p in model.landmark.parameters()]
+    assert all(gr is None or gr.abs().max() == 0 for gr in lm0)
+
+    model.zero_grad()
+    step.losses(batch, g())["loss"].backward()
+    opt.step()
+    model.zero_grad()
+    step.losses(batch, g())["ldm"].backward()
+    grads = [p.grad for p in model.landmark.parameters()]
+    total = sum(float(gr.abs().sum()) for gr in grads if gr is not None)
+    if end_to_end:
+        assert total > 0
+        # it reaches the lip and jaw heads, the parts M-Align reads
+        assert model.landmark.mouse_keypoint_map.weight.grad.abs().max() > 0
+        assert model.landmark.jaw_keypoint_map.weight.grad.abs().max() > 0
+    else:
+        assert total == 0.0
+    # the U-Net itself learns from L_ldm in both cases
+    assert sum(float(p.grad.abs().sum()) for p in model.unet.parameters() if p.grad is not None) > 0
+
+
+def test_resume_is_bit_identical(shards, ae_file, tmp_path):
+    """6 steps straight == 3 steps + --resume 3 steps: the same losses and parameters (torch.equal),
+    with dropout on (landmark module 0.1) and EMA."""
+    from talkformer_core.train import train
+
+    cfg = tiny_config()
+    kw = dict(stage="talkformer", data=shards, autoencoder=ae_file, batch_size=2, ema=True, progress=False,
+              device="cpu", seed=3)
+    full = train(cfg, out=tmp_path / "full", steps=6, **kw)
+    first = train(cfg, out=tmp_path / "split", steps=3, **kw)
+    second = train(cfg, out=tmp_path / "split", steps=6, resume=True, **kw)
+    assert first.metrics["loss"] + second.metrics["loss"] == full.metrics["loss"]
+    assert len(set(full.metrics["loss"])) == 6
+    a, b = _tensors(full.checkpoint), _tensors(second.checkpoint)
+    assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the CSV log of the resumed run is the uninterrupted run's
+    assert (tmp_path / "full" / "log.csv").read_text().splitlines()[1:] == \
+        [ln for ln in (tmp_path / "split" / "log.csv").read_text().splitlines()[1:]]
+
+
+def test_ddp_two_processes_equal_gradient_accumulation(shards, ae_file, tmp_path):
+    """torchrun, 2 CPU processes (gloo), dropout off: after 3 steps the parameters equal those of
+    one process accumulating over the same two half-batches (DESIGN.md §6); BatchNorm running
+    statistics are per process and not compared."""
+    from talkformer_core.train import train
+
+    cfg = tiny_config()
+    cfg.model.landmark.dropout = 0.0
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(cfg.to_json())
+    common = ["--stage", "talkformer", "--data", str(shards), "--config", str(cfg_file), "--autoencoder",
+              str(ae_file), "--steps", "3", "--batch-size", "2", "--seed", "1", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "talkformer_core.train", *common, "--out", str(tmp_path / "ddp")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # one thread as in each torchrun process: the same float summation order (Adam divides by
+    # sqrt(v), so last-bit differences in near-zero gradients would grow to ~lr otherwise)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = train(cfg, stage="talkformer", data=shards, out=tmp_path / "one", steps=3, batch_size=2,
+                       grad_accum=2, autoencoder=ae_file, seed=1, device="cpu", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    a, b = _tensors(tmp_path / "ddp" / "last.safetensors"), _tensors(single.checkpoint)
+    params = [k for k in a if not ("running_" in k or "num_batches_tracked" in k)]
+    assert len(params) > 100
+    worst = max(float((a[k] - b[k]).abs().max()) for k in params)
+    assert worst < 1e-6, worst  # measured: 0.0 (bit-identical)
+    # and the runs did train (parameters differ from a different seed's run by far more)
+    other = train(cfg, stage="talkformer", data=shards, out=tmp_path / "other", steps=3, batch_size=2,
+                  grad_accum=2, autoencoder=ae_file, seed=2, device="cpu", progress=False)
+    c = _tensors(other.checkpoint)
+    assert max(float((a[k] - c[k]).abs().max()) for k in params) > 1e-4
+
+
+def test_init_landmarks_from_iplap_checkpoint(shards, ae_file, tmp_path):
+    from talkformer_core.models.checkpoint import save_checkpoint
+    from talkformer_core.models.landmark_completion import LandmarkCompletion
+    from talkformer_core.train import train
+
+    cfg = tiny_config()
+    torch.manual_seed(42)
+    src = LandmarkCompletion(cfg.model.landmark)
+    ip = save_checkpoint(tmp_path / "iplap.safetensors", {"landmark": src}, {"landmark_generator": {}}, kind="iplap")
+    res = train(cfg, stage="talkformer", data=shards, out=tmp_path / "run", steps=1, lr=1e-12,
+                autoencoder=ae_file, init_landmarks=ip, progress=False, device="cpu")
+    got = _tensors(res.checkpoint)
+    for k, v in src.state_dict().items():
+        if "running_" in k or "num_batches" in k:
+            continue
+        assert torch.allclose(got[f"landmark.{k}"], v, atol=1e-6), k
+    # a file without landmark tensors is refused with its name
+    from talkformer_core.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="ae.safetensors"):
+        train(cfg, stage="talkformer", data=shards, out=tmp_path / "bad", steps=1, autoencoder=ae_file,
+              init_landmarks=ae_file, progress=False, device="cpu")
+
+
+def test_autoencoder_stage_scale_factor_and_use(shards, tmp_path):
+    from talkformer_core.models.checkpoint import checkpoint_config, read_checkpoint
+    from talkformer_core.train import train
+
+    cfg = tiny_config()
+    res = train(cfg, stage="autoencoder", data=shards, out=tmp_path / "ae", steps=3, batch_size=4,
+                progress=False, device="cpu", preview_every=3)
+    tensors, meta = read_checkpoint(res.checkpoint)
+    sf = checkpoint_config(meta).model.autoencoder.scale_factor
+    assert sf == res.metrics["scale_factor"] and sf != 1.0 and np.isfinite(sf)
+    assert (tmp_path / "ae" / "previews" / "step_0000003.png").exists()
+    # its latents, scaled, have unit std (LDM's rule) on the training crops
+    from talkformer_core.data.dataset import FrameDataset
+    from talkformer_core.models.autoencoder import AutoencoderKL
+    from talkformer_core.models.checkpoint import load_model_state
+
+    ae = AutoencoderKL(checkpoint_config(meta).model.autoencoder)
+    load_model_state(ae, tensors, "autoencoder")
+    x = torch.stack([FrameDataset(shards, cfg)[i]["crops"] for i in range(0, 80, 2)])
+    with torch.no_grad():
+        post = ae.encode(x)
+        z = sf * (post.mean + post.std * torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(0)))
+    assert 0.8 < float(z.std()) < 1.25
+    # and the talkformer stage takes it, with a preview grid
+    res2 = train(cfg, stage="talkformer", data=shards, out=tmp_path / "tf", steps=2, batch_size=2,
+                 autoencoder=res.checkpoint, progress=False, device="cpu", preview_every=2, preview_steps=3)
+    assert checkpoint_config(read_checkpoint(res2.checkpoint)[1]).model.autoencoder.scale_factor == sf
+    assert (tmp_path / "tf" / "previews" / "step_0000002.png").exists()
+    rows = (tmp_path / "tf" / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss,ldm,l1") and len(rows) == 3
+    assert any((tmp_path / "tf" / "tb").iterdir())
