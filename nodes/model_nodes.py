@@ -70,7 +70,9 @@ class LoadTalkFormerModel:
     DESCRIPTION = ("Loads a TalkFormer checkpoint (.safetensors from models/talkformer/): landmark "
                    "completion, appearance encoder, denoising U-Net and the autoencoder. A checkpoint "
                    "trained in a Stable Diffusion VAE's latent space needs that VAE on the vae input; "
-                   "it is checked against the checkpoint's record (SHA-256) before anything runs.")
+                   "it is checked against the checkpoint's record (SHA-256) before anything runs. "
+                   "Also loads IP-LAP's published weights converted by `python -m talkformer_core.convert iplap` "
+                   "(for Complete Landmarks and TalkFormer Lip Sync (Video); docs/iplap.md).")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (TALKFORMER_MODEL,)
