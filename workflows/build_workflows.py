@@ -242,6 +242,58 @@ def _long_video_chain() -> tuple[list[N], list[tuple]]:
     return nodes, links
 
 
+IPLAP_CHECKPOINT = "iplap.safetensors"
+IPLAP_NOTE = """## Lip-sync with IP-LAP's published weights
+1. Download IP-LAP's two checkpoints (links in IP-LAP's README, github.com/Weizhi-Zhong/IP_LAP) and convert them once:
+   `python -m talkformer_core.convert iplap --landmark-generator landmarkgenerator_checkpoint.pth --renderer renderer_checkpoint.pth --out models/talkformer/{ckpt}`
+2. Pick `{ckpt}` in **Load TalkFormer Model** (the loader reads the kind from the file).
+3. Queue. The same streaming node runs IP-LAP's landmark generator and 128x128 renderer instead of the
+   diffusion stage (steps / sampler / seed are not used). This is IP-LAP's model (CVPR 2023, Apache-2.0),
+   not the TalkFormer paper's; see docs/iplap.md."""
+
+
+def _iplap_chain() -> tuple[list[N], list[tuple]]:
+    """The long-video chain on an IP-LAP checkpoint converted by talkformer_core.convert (issue 9)."""
+    nodes, links = _long_video_chain()
+    nodes[2].widgets["ckpt_name"] = IPLAP_CHECKPOINT
+    nodes[2].title = "Load TalkFormer Model (IP-LAP weights)"
+    nodes[-1].widgets["text"] = IPLAP_NOTE.format(ckpt=IPLAP_CHECKPOINT)
+    return nodes, links
+
+
+FINETUNE_NOTE = """## Train on a person's video, then lip-sync it to new audio
+1. **Person video**: 5-10 s (or more) of ONE person talking, with its audio (Load Video).
+2. **Train TalkFormer on Video** trains a model of that person within `budget_minutes` (30 min fits a
+   5-10 s clip on a small CPU; a GPU does far more in the same time) and saves
+   `models/talkformer/<name>.safetensors`. Cancel keeps a checkpoint; queue again with `resume` on.
+   Optional: connect your Stable Diffusion VAE (Load VAE) to skip the autoencoder stage, or pick IP-LAP
+   weights converted by `talkformer_core.convert` to start the landmark module from them.
+3. **New speech** drives **TalkFormer Lip Sync (Video)** on the same video with the trained model.
+Next time, load the saved model with Load TalkFormer Model instead of training again."""
+
+
+def _finetune_chain() -> tuple[list[N], list[tuple]]:
+    """LoadVideo -> Train TalkFormer on Video -> TalkFormer Lip Sync (Video) (+ new audio) -> SaveVideo (issue 11)."""
+    nodes = [
+        N(1, "LoadVideo", (0, 0), {"file": TEMPLATE_VIDEO}, title="Person video", size=(300, 380)),
+        N(2, "LoadAudio", (0, 430), {"audio": DRIVING_AUDIO}, title="New speech", size=(300, 140)),
+        N(3, "TalkFormerTrainOnVideo", (380, 0),
+          {"name": "person", "budget_minutes": 30.0, "preset": "cpu64", "resume": True, "holdout": 0.0,
+           "fps": 25.0, "iplap_checkpoint": "none"}),
+        N(4, "TalkFormerLipSyncVideo", (780, 0),
+          {"steps": 25, "sampler": "ddim", "seed": 0, "length_mode": "pingpong", "face_index": -1,
+           "reference_frame": -1, "feather": -1, "watermark": True}),
+        N(5, "SaveVideo", (1180, 0), {"filename_prefix": "talkformer/person_lipsync", "format": "auto",
+                                      "codec": "auto"}, size=(300, 400)),
+        N(6, "MarkdownNote", (380, 430), {"text": FINETUNE_NOTE}, title="Read me", size=(560, 300)),
+    ]
+    links = [
+        (1, "VIDEO", 3, "video"), (1, "VIDEO", 4, "video"), (3, "model", 4, "model"), (2, "AUDIO", 4, "audio"),
+        (4, "video", 5, "video"),
+    ]
+    return nodes, links
+
+
 def graphs() -> list[Graph]:
     n_a, l_a = _core_chain()
     n_b, l_b = _core_chain(upscale=True)
@@ -253,6 +305,10 @@ def graphs() -> list[Graph]:
         Graph("lipsync_video", "Template video + driving audio -> lip-synced video (core video nodes).", n_a, l_a),
         Graph("lipsync_upscale", "The same, upscaled 2x with core ImageScaleBy (lanczos) before encoding.", n_b, l_b),
         Graph("stage_by_stage", "Every stage's preview wired to PreviewImage.", n_c, l_c),
+        Graph("iplap_lipsync", "Template video + driving audio -> lip-synced video with IP-LAP's published "
+              "weights (converted by talkformer_core.convert), streaming.", *_iplap_chain()),
+        Graph("finetune_then_lipsync", "Train a person-specific model on their video, then lip-sync that "
+              "video to new audio.", *_finetune_chain()),
     ]
 
 
