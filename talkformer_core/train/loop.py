@@ -80,7 +80,7 @@ def init_distributed(device: str | None) -> tuple[Dist, torch.device]:
             device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", local)
+            dev = torch.device(dev.type, local)  # one GPU per local rank
         if not dist.is_initialized():
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         if dev.type == "cuda":
