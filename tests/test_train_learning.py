@@ -23,7 +23,9 @@ CROP = 32
 TRAIN_SEEDS = (0, 1)
 TRAIN_SECONDS = 8.0
 TEST_SEED = 1000
-AE_STEPS, TF_STEPS = 100, 200
+AE_STEPS, TF_STEPS = 100, 2000
+TF_BATCH = 8
+TF_BUDGET_MIN = 6.0  # wall-clock cap of the TalkFormer stage (train(budget_minutes=...)): the test stays < 10 min
 SAMPLER_STEPS = 10
 
 
@@ -62,7 +64,7 @@ def run(workdir: Path, log=print) -> dict:
     from talkformer_core.models.model import TalkFormer
     from talkformer_core.train import train
 
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     cfg = learning_config()
     photo = synthetic.load_photo("astronaut")
     train_dir, test_dir = workdir / "train", workdir / "test"
@@ -81,12 +83,14 @@ def run(workdir: Path, log=print) -> dict:
     log(f"autoencoder: {AE_STEPS} steps {t_ae:.1f} s, last L1 {ae.metrics['l1'][-1]:.4f}")
 
     t2 = time.time()
-    tf = train(cfg, stage="talkformer", data=train_dir, out=workdir / "tf", steps=TF_STEPS, batch_size=2,
-               autoencoder=ae.checkpoint, device="cpu", progress=False, seed=0)
+    tf = train(cfg, stage="talkformer", data=train_dir, out=workdir / "tf", steps=TF_STEPS, batch_size=TF_BATCH,
+               autoencoder=ae.checkpoint, device="cpu", progress=False, seed=0,
+               budget_minutes=TF_BUDGET_MIN)
     t_tf = time.time() - t2
+    tf_steps = int(tf.metrics["final_step"])  # < TF_STEPS when the budget stopped it
     l1 = np.array(tf.metrics["l1"])
     l1_first, l1_last = float(l1[:5].mean()), float(l1[-20:].mean())
-    log(f"talkformer: {TF_STEPS} steps {t_tf:.1f} s ({TF_STEPS / t_tf:.2f} steps/s), landmark L1 "
+    log(f"talkformer: {tf_steps} steps {t_tf:.1f} s ({tf_steps / t_tf:.2f} steps/s), landmark L1 "
         f"{l1_first:.4f} -> {l1_last:.4f}, ldm {np.mean(tf.metrics['ldm'][:5]):.3f} -> "
         f"{np.mean(tf.metrics['ldm'][-20:]):.3f}")
 
@@ -143,8 +147,9 @@ def run(workdir: Path, log=print) -> dict:
     res = {"corr_generated": corr, "corr_true_frames": corr_truth_img, "psnr_generated": p_gen,
            "psnr_copy_reference": p_copy, "l1_first": l1_first, "l1_last": l1_last,
            "l1_ratio": l1_first / l1_last, "seconds": {"data": t_data, "autoencoder": t_ae, "talkformer": t_tf,
-                                                        "eval": t_eval, "total": time.time() - t0},
-           "tf_steps_per_s": TF_STEPS / t_tf, "frames_tested": int(len(idx))}
+                                                        "eval": t_eval, "total": time.time() - t0,
+                                                        "cpu_total": time.process_time() - c0},
+           "tf_steps": tf_steps, "tf_steps_per_s": tf_steps / t_tf, "frames_tested": int(len(idx))}
     log(json.dumps(res, indent=1))
     import cv2
 
@@ -163,14 +168,22 @@ def test_landmark_l1_falls_fivefold(learned):
     assert learned["l1_ratio"] >= 5.0, learned
 
 
-# Measured (400 TalkFormer steps, crop 32, 2 clips of 8 s; 27 min wall on a heavily shared 2-core
-# machine, 11.6 min CPU): landmark L1 0.783 -> 0.012 (63x), but the rendered mouth does not follow
-# yet: correlation -0.17 (true frames: 0.98), lower-half PSNR 16.4 dB vs 19.2 dB for the copied
-# reference mouth. The diffusion stage needs far more steps than a 10-minute CPU budget gives;
-# kept as a non-strict xfail so the numbers are printed and a faster setup can flip it.
+# Measured. Before (400 steps, batch 2): landmark L1 0.783 -> 0.012 (63x), mouth correlation -0.17
+# (true frames 0.98), lower-half PSNR 16.4 dB vs 19.2 dB for the copied reference mouth.
+# Diagnosis (bench/learning_diag/, crop 32):
+#  - no coordinate bug: the crop-frame landmarks drawn on the crops sit on the mouth; target latent,
+#    E(masked) context and landmarks are the same frame, clip-major;
+#  - the autoencoder is not the limit: 100 steps reconstruct the unseen clip's lower half at
+#    27.4 dB PSNR and its mouth area correlates 0.994 with the true opening;
+#  - the U-Net alone (end_to_end=False, ground-truth landmarks, cached latents) ignores the landmarks
+#    until M-Align (zero-initialised proj_out) has learned: swapping an open for a closed mouth's
+#    landmarks changes eps by 1e-4 of its variance after 600 steps x batch 4 (corr -0.03, PSNR 18.7
+#    vs 19.2 dB), 7e-3 after 500 x 8, 1.3e-2 after 1000 x 8 (loss 0.023 and still falling).
+# Fix: batch 8 and up to 2000 steps (lr 1e-3), the TalkFormer stage capped at TF_BUDGET_MIN of wall
+# clock. Measured (pytest, 2 cores shared with 3 other training jobs): the budget stopped it at 1210
+# steps (3.3 steps/s); corr 0.92 (true frames 0.98), PSNR 23.4 dB vs 19.2 dB copy-reference, landmark
+# L1 0.753 -> 0.0078 (96x); total 595 s wall, 680 s CPU (2 threads).
 @pytest.mark.slow
-@pytest.mark.xfail(reason="rendering does not learn the mouth within the CPU budget yet (see comment)",
-                   strict=False)
 def test_generated_mouth_follows_unseen_audio(learned):
     assert learned["corr_generated"] >= 0.8, learned
     assert learned["psnr_generated"] > learned["psnr_copy_reference"], learned
