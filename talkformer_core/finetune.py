@@ -1,0 +1,726 @@
+"""Person-specific lip-sync from the user's own video (issue 11): one command over data/ and train/.
+
+    python -m talkformer_core.finetune --video V.mp4 --out person.safetensors \
+        [--budget-minutes 30] [--vae SD_VAE.safetensors] [--init-landmarks IPLAP.safetensors] \
+        [--holdout 0.2] [--device cpu] [--resume] [--preset cpu64] [--steps N]
+
+What it does (no second training loop: ``data.preprocess`` and ``train.train`` do the work):
+  1. preprocess the clip into one shard at the preset's crop size (``data.preprocess``);
+  2. stage ``autoencoder`` on the clip's frames, only when no ``--vae`` is given;
+  3. stage ``talkformer`` with the joint loss (eq. 6), the autoencoder frozen;
+  4. copy the result to ``--out``: a checkpoint ``sync``, the loader node and ``pipeline.load_model``
+     take like any other (with ``--vae`` it names that VAE by hash, DESIGN.md §4).
+The time budget is the main knob: preprocessing is paid first, then the autoencoder gets
+``AE_SHARE`` of what is left and TalkFormer the rest (less a reserve for the hold-out report).
+``--steps`` caps the TalkFormer steps as well (tests, GPUs). Work files live in ``OUT.work/``
+(shards, both run folders); ``--resume`` continues a run stopped by Ctrl-C, an interrupt or the
+budget from there (train's bit-exact resume), with the budget's unspent part.
+
+Hold-out (``--holdout F``): train on the first 1 - F of the frames, and score the last F with the
+clip's own audio (``holdout_report``, issue 11 item 3), on the lower half of the face crop with
+``talkformer_core.eval``:
+  ours (test-frame landmarks)  the renderer driven by the landmarks detected on the test frames;
+  ours (audio-driven)          landmarks completed from the audio (stage 1), then the renderer;
+  copy-reference               each test crop with its lower face replaced by that of the training
+                               frame with the median mouth opening, aligned (similarity fitted on
+                               the 74 upper-face points) and feather-blended;
+  mean-mouth                   the lower face of the pixel mean of the training crops (aligned with
+                               the mean training landmarks), pasted the same way.
+Every method's crop is pasted onto the test crop through the same feathered lower-face mask as
+the pipeline's blend (face.blend.lower_face_mask). PSNR and SSIM on the crop at its own size;
+LMD and mouth-opening correlation from mediapipe on the crops upscaled to 256 px (mediapipe finds
+no face in a 64 px crop), LMD in pixels of a 256 crop as eval reports it.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .config import (AutoencoderConfig, LandmarkConfig, ModelConfig, TalkFormerConfig, TrainConfig, UNetConfig,
+                     preset as named_preset)
+from .errors import CheckpointError, FaceError, InputError, TalkFormerError, VideoError
+
+AE_SHARE = 0.3  # of the budget after preprocessing, when the autoencoder is trained on the clip
+REPORT_RESERVE_MIN = 1.5  # minutes kept for the hold-out report (sampling + mediapipe)
+EVAL_CROP = 256  # crops are upscaled to this for mediapipe (LMD, mouth opening)
+MAX_HOLDOUT = 0.5
+METHODS = ("ours_landmarks", "ours_audio", "copy_reference", "mean_mouth")
+METHOD_NAMES = {"ours_landmarks": "ours, test-frame landmarks", "ours_audio": "ours, audio-driven",
+                "copy_reference": "copy-reference", "mean_mouth": "mean-mouth"}
+
+
+# ----------------------------------------------------------------------------------------------
+# presets for one person on one machine
+
+def person_config(crop_size: int = 64, *, full_landmarks: bool = False, vae: bool = False) -> TalkFormerConfig:
+    """A TalkFormer sized for training on one short clip on a CPU.
+
+    64 px crops (96 also works), our KL-f4 autoencoder (16x16x3 latent) or, with ``vae``, an SD VAE
+    (f8, 4 channels); a 3-scale U-Net (64 channels) with TalkFormer blocks at the two coarser
+    scales, 1 residual block per scale. The landmark module is IP-LAP's exact layout when
+    ``full_landmarks`` (needed to start from IP-LAP's weights), else a shrunk one (0.6 M parameters:
+    a few seconds of audio cannot train 13.7 M). lr 1e-3 (small net, few steps), batch 4 windows of
+    L = 5 frames; the U-Net is trained on the detected landmarks (w/o End2End, see below), the
+    landmark module on its L1 loss alongside.
+    """
+    from .models.autoencoder import sd_vae_config
+
+    if vae:
+        ae = sd_vae_config()
+        ae.resolution = crop_size
+    else:
+        ae = AutoencoderConfig(ch=32, ch_mult=(1, 2, 4), num_res_blocks=1, resolution=crop_size)
+    lm = LandmarkConfig() if full_landmarks else LandmarkConfig(d_model=128, nlayers=2, nhead=4,
+                                                                 dim_feedforward=256, width=0.25)
+    unet = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, head_channels=32, landmark_dim=64)
+    return TalkFormerConfig(
+        name=f"person{crop_size}",
+        model=ModelConfig(image_size=crop_size, autoencoder=ae, landmark=lm, unet=unet),
+        # end_to_end off: within a CPU budget (a few hundred steps) the completion module's predictions
+        # stay poor (box-frame L1 ~0.14 after 400 steps), and a U-Net fed them learns to ignore
+        # M-Align; fed the detected landmarks it learns to follow them (measured: docs/finetune.md).
+        train=TrainConfig(lr=1e-3, batch_size=4, autoencoder_lr=1e-3, ema_decay=0.999, end_to_end=False),
+    )
+
+
+PRESETS = ("cpu64", "cpu96", "small", "paper", "tiny")  # tiny: tests only (32 px)
+
+
+def finetune_config(name: str, *, full_landmarks: bool = False, vae: bool = False) -> TalkFormerConfig:
+    """cpu64 / cpu96: ``person_config``; small / paper: the named presets (GPU budgets)."""
+    if name == "cpu64":
+        return person_config(64, full_landmarks=full_landmarks, vae=vae)
+    if name == "cpu96":
+        return person_config(96, full_landmarks=full_landmarks, vae=vae)
+    if name in ("small", "paper", "tiny"):
+        cfg = named_preset(name)
+        if vae:
+            from .models.autoencoder import sd_vae_config
+
+            cfg.model.autoencoder = sd_vae_config()
+            cfg.model.autoencoder.resolution = cfg.model.image_size
+        return cfg
+    raise InputError(f"--preset {name!r}: expected one of {PRESETS}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+@dataclass
+class FinetuneResult:
+    checkpoint: Path
+    minutes: dict[str, float] = field(default_factory=dict)  # preprocess / autoencoder / talkformer / report
+    steps: dict[str, int] = field(default_factory=dict)
+    report: dict[str, Any] | None = None  # holdout_report's result when --holdout
+    history: list[dict[str, Any]] = field(default_factory=list)  # the held-out metrics printed while training
+
+
+ProgressFn = Callable[[str, int, int, dict[str, Any]], None]  # (stage, step, total, info incl. "preview")
+
+
+def validate_inputs(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes: float, holdout: float,
+                    vae: str | os.PathLike | None, init_landmarks: str | os.PathLike | None,
+                    steps: int | None, preset: str) -> None:
+    """Every bad argument, before any long work (clear errors naming the file)."""
+    from .video import probe_video
+
+    v = Path(video)
+    if not v.is_file():
+        raise VideoError(f"{v}: no such video file; expected a video of the person talking (5 s or more)")
+    info = probe_video(v)  # VideoError for an unreadable / non-video file
+    if not info.has_audio:
+        raise VideoError(f"{v}: the video has no audio track; the lip-sync model learns from the clip's own speech")
+    if not (budget_minutes > 0 and math.isfinite(budget_minutes)):
+        raise InputError(f"--budget-minutes {budget_minutes}: expected a positive number of minutes")
+    if not 0.0 <= holdout <= MAX_HOLDOUT:
+        raise InputError(f"--holdout {holdout}: expected a fraction in [0, {MAX_HOLDOUT}] (0 = train on all frames)")
+    if steps is not None and steps < 1:
+        raise InputError(f"--steps {steps}: expected >= 1")
+    if preset not in PRESETS:
+        raise InputError(f"--preset {preset!r}: expected one of {PRESETS}")
+    for name, p in (("--vae", vae), ("--init-landmarks", init_landmarks)):
+        if p is not None and not Path(p).is_file():
+            raise InputError(f"{name} {p}: no such file; expected a .safetensors file")
+    if Path(out).suffix != ".safetensors":
+        raise InputError(f"--out {out}: expected a .safetensors file name")
+
+
+def work_dir_for(out: str | os.PathLike) -> Path:
+    o = Path(out)
+    return o.with_name(o.stem + ".work")
+
+
+def _reject_to_error(video: Path, reason: str, detail: str) -> TalkFormerError:
+    if reason == "no_face":
+        return FaceError(f"{video}: expected one face visible in most frames; {detail}")
+    if reason == "too_short":
+        return VideoError(f"{video}: too short to learn from ({detail}); give at least 2 s, ideally 5-10 s")
+    if reason == "no_audio":
+        return VideoError(f"{video}: {detail}; expected a video with its audio track")
+    return VideoError(f"{video}: could not be read ({detail})")
+
+
+def _state_path(work: Path) -> Path:
+    return work / "finetune.json"
+
+
+def _load_state(work: Path) -> dict[str, Any]:
+    p = _state_path(work)
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def _save_state(work: Path, st: dict[str, Any]) -> None:
+    p = _state_path(work)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(st, indent=1, sort_keys=True))
+    os.replace(tmp, p)
+
+
+def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes: float = 30.0,
+             vae: str | os.PathLike | None = None, init_landmarks: str | os.PathLike | None = None,
+             holdout: float = 0.0, device: str | None = None, resume: bool = False, preset: str = "cpu64",
+             steps: int | None = None, crop_size: int | None = None, lr: float | None = None,
+             batch_size: int | None = None, bf16: bool = False, seed: int = 0, eval_every: int = 100,
+             sampler: str = "ddim", sampler_steps: int = 25, noise_scale: float = 1.0, threads: int | None = None,
+             progress: ProgressFn | None = None, tqdm_bar: bool = True,
+             print_fn: Callable[[str], None] | None = print) -> FinetuneResult:
+    """Train a person-specific TalkFormer on one clip (see the module doc). Returns the result.
+
+    ``progress(stage, step, total, info)`` runs after every optimiser step (info: losses; every
+    ``eval_every`` steps also "metrics" and "preview", an RGB uint8 grid); raising from it stops
+    training after a resumable checkpoint is written, and the exception propagates.
+    """
+    import torch
+
+    from .data.preprocess import options_for, process_clip, Rejected, save_shard, shard_name
+    from .train import train
+
+    t_all = time.time()
+    video, out = Path(video), Path(out)
+    validate_inputs(video, out, budget_minutes=budget_minutes, holdout=holdout, vae=vae,
+                    init_landmarks=init_landmarks, steps=steps, preset=preset)
+    if threads:
+        torch.set_num_threads(int(threads))
+    cfg = finetune_config(preset, full_landmarks=init_landmarks is not None, vae=vae is not None)
+    if crop_size:
+        cfg.model.image_size = cfg.model.autoencoder.resolution = int(crop_size)
+    if lr:
+        cfg.train.lr = float(lr)
+    if batch_size:
+        cfg.train.batch_size = int(batch_size)
+    def say(msg: str) -> None:
+        if print_fn is print:  # above the tqdm bars, not glued to them
+            from tqdm import tqdm
+
+            tqdm.write(msg)
+        elif print_fn is not None:
+            print_fn(msg)
+
+    work = work_dir_for(out)
+    st = _load_state(work) if resume else {}
+    if resume and not st:
+        raise CheckpointError(f"--resume: no earlier run in {work} (expected {_state_path(work).name}); start without --resume")
+    if not resume and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    spent = dict(st.get("minutes", {}))
+    st.setdefault("video", str(video.resolve()))
+    st.setdefault("holdout", holdout)
+    if resume and (st["video"] != str(video.resolve()) or float(st["holdout"]) != float(holdout)):
+        raise CheckpointError(f"--resume: {work} holds a run on {st['video']} with --holdout {st['holdout']}; "
+                              f"give the same video and --holdout")
+
+    # 1. preprocess (the data module's own code; a shard already there is reused on --resume)
+    shards = work / f"shards_{cfg.model.image_size}"
+    shard = shards / shard_name(video)
+    t0 = time.time()
+    if not shard.exists():
+        say(f"[finetune] preprocessing {video} (face tracking, {cfg.model.image_size} px crops, mel windows)")
+        opts = options_for(cfg)
+        try:
+            arrays = process_clip(video, opts)
+        except Rejected as e:
+            raise _reject_to_error(video, e.reason, e.detail) from None
+        save_shard(shard, arrays)
+    n_frames = int(np.load(shard)["num_frames"])
+    frames = (0.0, 1.0 - holdout)
+    n_train = int(round(frames[1] * n_frames))
+    min_train = cfg.model.sequence_length + cfg.model.num_reference_landmarks + 2
+    if n_train < min_train:
+        raise VideoError(f"{video}: {n_train} training frames (of {n_frames} at 25 fps, --holdout {holdout}) "
+                         f"< {min_train}; give a longer clip (5-10 s) or a smaller --holdout")
+    spent["preprocess"] = spent.get("preprocess", 0.0) + (time.time() - t0) / 60.0
+    say(f"[finetune] {n_frames} frames at 25 fps; training on frames [0, {n_train})"
+        + (f", holding out [{n_train}, {n_frames})" if holdout > 0 else ""))
+
+    remaining = budget_minutes - sum(spent.values())
+    reserve = min(REPORT_RESERVE_MIN, 0.15 * budget_minutes) if holdout > 0 else 0.0
+    train_minutes = max(remaining - reserve, 0.05)
+    result = FinetuneResult(out)
+
+    # 2. autoencoder on the clip (only without --vae)
+    ae_ck = None
+    if vae is None:
+        ae_dir = work / "ae"
+        if not st.get("ae_done"):
+            ae_budget = st.get("ae_budget") or AE_SHARE * train_minutes
+            st["ae_budget"] = ae_budget
+            _save_state(work, {**st, "minutes": spent})
+            left = ae_budget - spent.get("autoencoder", 0.0)
+            say(f"[finetune] stage autoencoder: {max(left, 0):.1f} min")
+            t0 = time.time()
+
+            bar = _BudgetBar("autoencoder", left, steps, enabled=tqdm_bar)
+
+            def ae_cb(step: int, total: int, vals: dict[str, float]) -> None:
+                bar.step(step, vals)
+                if progress is not None:
+                    progress("autoencoder", step, total, dict(vals))
+
+            try:
+                res = train(cfg, stage="autoencoder", data=shards, out=ae_dir, steps=10 ** 7 if steps is None else
+                            max(steps, 1), batch_size=8, frames=frames, budget_minutes=max(left, 0.05),
+                            resume=(ae_dir / "last.state.safetensors").exists(), device=device, bf16=bf16, seed=seed,
+                            callback=ae_cb, progress=False, log_every=10)
+            finally:
+                bar.close()
+                spent["autoencoder"] = spent.get("autoencoder", 0.0) + (time.time() - t0) / 60.0
+                _save_state(work, {**st, "minutes": spent})
+            st["ae_done"] = True
+            st["ae_steps"] = res.metrics["final_step"]
+            _save_state(work, {**st, "minutes": spent})
+            say(f"[finetune] autoencoder: {res.metrics['final_step']} steps, L1 {res.metrics['l1'][-1]:.4f}, "
+                f"latent scale {res.metrics['scale_factor']:.3f}")
+        ae_ck = ae_dir / "last.safetensors"
+    result.steps["autoencoder"] = int(st.get("ae_steps", 0))
+
+    # 3. TalkFormer, joint loss (eq. 6); held-out quick metrics from the periodic checkpoint
+    tf_dir = work / "talkformer"
+    tf_left = budget_minutes - sum(spent.values()) - reserve
+    say(f"[finetune] stage talkformer: {max(tf_left, 0):.1f} min")
+    quick = _QuickEval(shard, holdout, cfg, device=device, vae=vae, seed=seed) if eval_every else None
+
+    bar = _BudgetBar("talkformer", tf_left, steps, enabled=tqdm_bar)
+
+    def tf_cb(step: int, total: int, vals: dict[str, float]) -> None:
+        bar.step(step, vals)
+        info: dict[str, Any] = dict(vals)
+        if quick is not None and step % eval_every == 0:
+            m, preview = quick(tf_dir / "last.safetensors")
+            m["step"] = step
+            result.history.append(m)
+            info["metrics"], info["preview"] = m, preview
+            say(f"[finetune] step {step}: {quick.label} PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f} "
+                f"(copy-reference {quick.copy_psnr:.2f} / {quick.copy_ssim:.4f}), L1 landmarks {vals.get('l1', float('nan')):.4f}")
+        if progress is not None:
+            progress("talkformer", step, total, info)
+
+    t0 = time.time()
+    try:
+        res = train(cfg, stage="talkformer", data=shards, out=tf_dir, steps=10 ** 7 if steps is None else steps,
+                    autoencoder=ae_ck if vae is None else None, vae=vae, init_landmarks=init_landmarks,
+                    frames=frames, budget_minutes=max(tf_left, 0.05),
+                    resume=(tf_dir / "last.state.safetensors").exists(), device=device, bf16=bf16, seed=seed,
+                    save_every=eval_every if eval_every else 0, callback=tf_cb, progress=False, log_every=10)
+    finally:
+        bar.close()
+        spent["talkformer"] = spent.get("talkformer", 0.0) + (time.time() - t0) / 60.0
+        _save_state(work, {**st, "minutes": spent})
+    result.steps["talkformer"] = int(res.metrics["final_step"])
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.copyfile(res.checkpoint, tmp)
+    os.replace(tmp, out)
+    say(f"[finetune] wrote {out} ({result.steps['talkformer']} TalkFormer steps, "
+        f"{sum(spent.values()):.1f} min so far)")
+
+    # 4. the hold-out report (item 3)
+    if holdout > 0:
+        t0 = time.time()
+        result.report = holdout_report(out, shard, holdout, device=device, vae=vae, sampler=sampler,
+                                       steps=sampler_steps, seed=seed, noise_scale=noise_scale)
+        spent["report"] = (time.time() - t0) / 60.0
+        say(format_report(result.report))
+    result.minutes = dict(spent)
+    st.update(minutes=spent, done=True)
+    _save_state(work, st)
+    return result
+
+
+class _BudgetBar:
+    """tqdm over optimiser steps whose total is the number of steps the budget allows at the rate
+    measured so far (capped by --steps), so its ETA is the time the stage will really take."""
+
+    def __init__(self, stage: str, minutes: float, cap: int | None, enabled: bool = True):
+        from tqdm import tqdm
+
+        self.t0, self.seconds, self.cap = time.time(), max(minutes, 0.0) * 60.0, cap
+        self.first: int | None = None
+        self.bar = tqdm(total=cap or 1, desc=f"finetune {stage}", unit="step", disable=not enabled,
+                        dynamic_ncols=True)
+
+    def step(self, step: int, vals: dict[str, float]) -> None:
+        if self.first is None:
+            self.first = step - 1
+            self.bar.n = self.first
+        done = step - self.first
+        rate = done / max(time.time() - self.t0, 1e-6)
+        total = self.first + max(done, int(rate * self.seconds))
+        if self.cap:
+            total = min(total, self.cap)
+        self.bar.total = max(total, step)
+        self.bar.n = step
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in vals.items() if k in ("loss", "ldm", "l1")}, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation on held-out frames
+
+@dataclass
+class HoldoutData:
+    """One shard split into training and test frames, and what every method needs."""
+
+    crops: np.ndarray  # (T, S, S, 3) uint8
+    points_crop: np.ndarray  # (T, 131, 2) crop frame
+    train_idx: np.ndarray  # found training frames
+    test_idx: np.ndarray  # found test frames
+    analysis: Any  # pipeline.FaceAnalysis of the whole clip
+    mels: np.ndarray  # (T, 80, 16) float32
+
+
+def load_holdout(shard: str | os.PathLike, holdout: float) -> HoldoutData:
+    from .data.dataset import load_shard
+    from .face.landmarks import FaceLandmarks
+    from .face.topology import FULL_131
+    from .pipeline import analyze_landmarks
+
+    d = load_shard(shard)
+    T = int(d["num_frames"])
+    found = d["found"].astype(bool)
+    p478 = d["points478_px"].astype(np.float32)
+    H, W = (int(v) for v in d["frame_size"])
+    lms = FaceLandmarks(points478=p478, points131=np.ascontiguousarray(p478[:, list(FULL_131)]), found=found,
+                        size=(H, W))
+    S = d["crops"].shape[1]
+    analysis = analyze_landmarks(lms, S)  # the same track as preprocess (same points, same smoothing)
+    split = int(round((1.0 - holdout) * T)) if holdout > 0 else T
+    idx = np.arange(T)
+    train_idx = idx[(idx < split) & found]
+    test_idx = idx[(idx >= split) & found] if holdout > 0 else train_idx[-max(1, min(len(train_idx), 16)):]
+    return HoldoutData(d["crops"], d["points131_crop"].astype(np.float32), train_idx, test_idx, analysis,
+                       d["mels"].astype(np.float32))
+
+
+def _similarity(src_pts: np.ndarray, dst_pts: np.ndarray) -> np.ndarray:
+    """2x3 similarity (rotation, uniform scale, shift) taking src points to dst points (least squares)."""
+    import cv2
+
+    m, _ = cv2.estimateAffinePartial2D(src_pts.astype(np.float32), dst_pts.astype(np.float32), method=cv2.LMEDS)
+    if m is None:
+        m = np.array([[1, 0, 0], [0, 1, 0]], np.float64)
+    return m
+
+
+def _paste(cand: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Feathered lower-face paste in the crop (the pipeline's blend mask): (B, S, S, 3) uint8."""
+    a = mask[None, :, :, None]
+    return np.clip(np.round(a * cand.astype(np.float32) + (1 - a) * truth.astype(np.float32)), 0, 255).astype(np.uint8)
+
+
+def baselines(h: HoldoutData) -> dict[str, np.ndarray]:
+    """copy-reference and mean-mouth crops (pasted) for the test frames: {name: (B, S, S, 3) uint8}."""
+    import cv2
+
+    from .face import topology
+    from .face.blend import lower_face_mask
+
+    S = h.crops.shape[1]
+    mask = lower_face_mask(S)
+    pose = list(topology.POSE_POS)
+    # copy-reference donor: the training frame with the median mouth opening
+    opn = h.analysis.openness[h.train_idx]
+    donor = int(h.train_idx[np.argsort(opn, kind="stable")[len(opn) // 2]])
+    mean_crop = h.crops[h.train_idx].astype(np.float32).mean(0)  # (S, S, 3)
+    mean_pts = h.points_crop[h.train_idx].mean(0)  # (131, 2)
+    out: dict[str, list[np.ndarray]] = {"copy_reference": [], "mean_mouth": []}
+    for t in h.test_idx:
+        dst = h.points_crop[t, pose] * S
+        for name, img, pts in (("copy_reference", h.crops[donor].astype(np.float32), h.points_crop[donor]),
+                               ("mean_mouth", mean_crop, mean_pts)):
+            m = _similarity(pts[pose] * S, dst)
+            warped = cv2.warpAffine(img, m, (S, S), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+            out[name].append(np.clip(np.round(warped), 0, 255).astype(np.uint8))
+    truth = h.crops[h.test_idx]
+    return {k: _paste(np.stack(v), truth, mask) for k, v in out.items()} | {"_donor": np.array(donor)}
+
+
+def reference_frame(h: HoldoutData) -> int:
+    """The R-Align reference among the training frames: pipeline.choose_reference_frame's rule
+    (most open and most frontal mouth), restricted to frames the model trained on."""
+    o = h.analysis.openness[h.train_idx]
+    f = h.analysis.frontalness[h.train_idx]
+    top = np.nanmax(o)
+    score = np.nan_to_num((o / top if top > 0 else np.ones_like(o)) * f, nan=-1.0)
+    return int(h.train_idx[int(np.argmax(score))])
+
+
+def generate(model: Any, h: HoldoutData, *, audio_driven: bool, steps: int = 25, sampler: str = "ddim",
+             seed: int = 0, frames: np.ndarray | None = None, noise_scale: float = 1.0) -> np.ndarray:
+    """Our crops for the test frames (pipeline stages), pasted like the baselines: (B, S, S, 3) uint8.
+
+    ``noise_scale`` multiplies the shared x_T (pipeline.initial_noise(seed)); 1 is what ``sync`` does."""
+    from .face import topology
+    from .face.blend import lower_face_mask
+    from .pipeline import (AudioFeatures, complete_landmarks, encode_reference, initial_noise, landmarks_to_crop,
+                           sample_faces)
+
+    idx = h.test_idx if frames is None else frames
+    S = h.crops.shape[1]
+    ref = encode_reference(model, h.crops[reference_frame(h)])
+    if audio_driven:
+        refs_idx = h.train_idx[topology.pick_spread(h.analysis.openness[h.train_idx], model.num_references)]
+        refs = h.analysis.points_box(refs_idx)
+        audio = AudioFeatures(h.mels[idx], len(idx), 25.0)
+        lm_box = complete_landmarks(model, h.analysis, audio, idx, references=refs)
+        lms = landmarks_to_crop(h.analysis, lm_box, idx)
+    else:
+        lms = h.points_crop[idx]
+    noise = initial_noise(model, seed) * float(noise_scale)
+    gen = sample_faces(model, h.crops[idx], lms, ref, steps=steps, sampler=sampler, seed=seed, batch_size=32,
+                       noise=noise)
+    return _paste(gen, h.crops[idx], lower_face_mask(S))
+
+
+def _upscale(crops: np.ndarray, size: int = EVAL_CROP) -> np.ndarray:
+    import cv2
+
+    if crops.shape[1] == size:
+        return crops
+    return np.stack([cv2.resize(c, (size, size), interpolation=cv2.INTER_CUBIC) for c in crops])
+
+
+def score(gen: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
+    """PSNR / SSIM (lower half, crop size) and LMD / mouth correlation (mediapipe at 256 px)."""
+    from .eval import score_crops
+
+    px = score_crops(gen, truth, landmarks=False)
+    lm = score_crops(_upscale(gen), _upscale(truth), landmarks=True)
+    return {"psnr": px["psnr"], "ssim": px["ssim"], "lmd": lm["lmd"], "mouth_corr": lm["mouth_corr"],
+            "lmd_frames": lm.get("lmd_frames"), "frames": px["frames"],
+            "mouth_open_gen": lm["per_frame"].get("mouth_open_gen"),
+            "mouth_open_truth": lm["per_frame"].get("mouth_open_truth")}
+
+
+def holdout_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, holdout: float, *,
+                   device: str | None = None, vae: str | os.PathLike | None = None, sampler: str = "ddim",
+                   steps: int = 25, seed: int = 0, noise_scale: float = 1.0) -> dict[str, Any]:
+    """Item 3 of issue 11 on one clip: {method: metrics} for METHODS, plus the verdicts."""
+    from .pipeline import load_model
+
+    h = load_holdout(shard, holdout)
+    if len(h.test_idx) < 3:
+        raise InputError(f"{shard}: {len(h.test_idx)} held-out frames with a face; need at least 3")
+    model = load_model(checkpoint, device or "cpu", vae=vae)
+    truth = h.crops[h.test_idx]
+    kw = dict(steps=steps, sampler=sampler, seed=seed, noise_scale=noise_scale)
+    outs = {"ours_landmarks": generate(model, h, audio_driven=False, **kw),
+            "ours_audio": generate(model, h, audio_driven=True, **kw)}
+    base = baselines(h)
+    outs.update({k: v for k, v in base.items() if not k.startswith("_")})
+    rows = {k: score(v, truth) for k, v in outs.items()}
+    rep: dict[str, Any] = {"rows": rows, "test_frames": int(len(h.test_idx)), "train_frames": int(len(h.train_idx)),
+                           "crop_size": int(h.crops.shape[1]), "donor_frame": int(base["_donor"]),
+                           "reference_frame": reference_frame(h), "sampler": sampler, "sampler_steps": steps,
+                           "noise_scale": float(noise_scale), "seed": int(seed)}
+    rep["verdict"] = verdicts(rows)
+    return rep
+
+
+def _better(metric: str, a: float | None, b: float | None) -> bool:
+    if a is None or not np.isfinite(a):
+        return False
+    if b is None or not np.isfinite(b):
+        return True
+    return a < b if metric == "lmd" else a > b
+
+
+def verdicts(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Item 3's conditions: test-frame landmarks beat the better baseline on PSNR, SSIM, LMD;
+    audio-driven beats both baselines on mouth correlation and LMD."""
+    base = ("copy_reference", "mean_mouth")
+    v = {f"landmarks_{m}": all(_better(m, rows["ours_landmarks"][m], rows[b][m]) for b in base)
+         for m in ("psnr", "ssim", "lmd")}
+    v.update({f"audio_{m}": all(_better(m, rows["ours_audio"][m], rows[b][m]) for b in base)
+              for m in ("mouth_corr", "lmd")})
+    v["landmarks_all"] = v["landmarks_psnr"] and v["landmarks_ssim"] and v["landmarks_lmd"]
+    v["audio_all"] = v["audio_mouth_corr"] and v["audio_lmd"]
+    return v
+
+
+def _f(v: Any, fmt: str) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, fmt)
+
+
+def report_table(reports: dict[str, dict[str, Any]]) -> str:
+    """Markdown: one block of rows per clip (method, PSNR, SSIM, LMD, mouth correlation)."""
+    lines = ["| clip | method | PSNR (dB) ↑ | SSIM ↑ | LMD (px @256) ↓ | mouth corr ↑ |",
+             "|---|---|---|---|---|---|"]
+    for clip, rep in reports.items():
+        for m in METHODS:
+            r = rep["rows"][m]
+            lines.append(f"| {clip} | {METHOD_NAMES[m]} | {_f(r['psnr'], '.2f')} | {_f(r['ssim'], '.4f')} | "
+                         f"{_f(r['lmd'], '.2f')} | {_f(r['mouth_corr'], '.3f')} |")
+    return "\n".join(lines)
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    v = rep["verdict"]
+    return (f"[finetune] hold-out: {rep['test_frames']} test frames, {rep['train_frames']} training frames, "
+            f"{rep['crop_size']} px crops, {rep['sampler']} {rep['sampler_steps']} steps, "
+            f"x_T scale {rep.get('noise_scale', 1.0):g}\n"
+            + report_table({"this clip": rep}) + "\n"
+            + f"test-frame landmarks beat both baselines on PSNR/SSIM/LMD: {v['landmarks_psnr']}/"
+              f"{v['landmarks_ssim']}/{v['landmarks_lmd']}; audio-driven on mouth corr/LMD: "
+              f"{v['audio_mouth_corr']}/{v['audio_lmd']}")
+
+
+class _QuickEval:
+    """The metrics printed while training: lower-half PSNR/SSIM with test-frame landmarks on up to
+    12 held-out frames (10 DDIM steps, no mediapipe), read from the periodic checkpoint, and a
+    preview grid (truth / ours / copy-reference). Without a hold-out: the last training frames,
+    labelled as such."""
+
+    def __init__(self, shard: Path, holdout: float, cfg: TalkFormerConfig, device: str | None, vae: Any, seed: int):
+        from .eval import lower_half, psnr, ssim
+
+        self.h = load_holdout(shard, holdout)
+        sel = self.h.test_idx
+        self.frames = sel[np.linspace(0, len(sel) - 1, min(12, len(sel))).round().astype(int)]
+        self.label = "held-out" if holdout > 0 else "training-frame (no hold-out)"
+        self.device, self.vae, self.seed = device, vae, seed
+        self.truth = self.h.crops[self.frames]
+        base = baselines(_subset(self.h, self.frames))
+        self.copy = base["copy_reference"]
+        self.copy_psnr = float(psnr(lower_half(self.copy), lower_half(self.truth)).mean())
+        self.copy_ssim = float(ssim(lower_half(self.copy), lower_half(self.truth)).mean())
+
+    def __call__(self, ckpt: Path) -> tuple[dict[str, float], np.ndarray]:
+        from .eval import lower_half, psnr, ssim
+        from .pipeline import load_model
+
+        model = load_model(ckpt, self.device or "cpu", vae=self.vae)
+        gen = generate(model, self.h, audio_driven=False, steps=10, seed=self.seed, frames=self.frames)
+        m = {"psnr": float(psnr(lower_half(gen), lower_half(self.truth)).mean()),
+             "ssim": float(ssim(lower_half(gen), lower_half(self.truth)).mean())}
+        n = min(6, len(gen))
+        grid = np.concatenate([np.concatenate(list(x[:n]), axis=1) for x in (self.truth, gen, self.copy)], axis=0)
+        return m, grid
+
+
+def _subset(h: HoldoutData, frames: np.ndarray) -> HoldoutData:
+    return HoldoutData(h.crops, h.points_crop, h.train_idx, np.asarray(frames), h.analysis, h.mels)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m talkformer_core.finetune",
+                                 description="Train a person-specific TalkFormer on one video of that person.")
+    ap.add_argument("--video", required=True, help="a video of the person talking (5-10 s or more, with its audio)")
+    ap.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
+    ap.add_argument("--budget-minutes", type=float, default=30.0,
+                    help="wall-clock budget for everything (default 30: a 5-10 s clip on a 2-core CPU)")
+    ap.add_argument("--vae", default=None, help="your Stable Diffusion VAE (.safetensors): no autoencoder training; "
+                                                "the checkpoint names it by hash and sync / the loader need it")
+    ap.add_argument("--init-landmarks", default=None,
+                    help="start the landmark module from IP-LAP's weights converted by python -m talkformer_core.convert")
+    ap.add_argument("--holdout", type=float, default=0.0,
+                    help="train on the first 1-F of the frames and report the hold-out metrics on the rest")
+    ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    ap.add_argument("--resume", action="store_true", help="continue the run in OUT.work/ (after Ctrl-C or a budget stop)")
+    ap.add_argument("--preset", default="cpu64", choices=PRESETS,
+                    help="cpu64 (default), cpu96: CPU-sized; small, paper: GPU presets")
+    ap.add_argument("--steps", type=int, default=None, help="cap on TalkFormer steps (the budget still applies)")
+    ap.add_argument("--crop-size", type=int, default=None, help="override the preset's crop size")
+    ap.add_argument("--lr", type=float, default=None, help="TalkFormer learning rate (default: the preset's)")
+    ap.add_argument("--batch-size", type=int, default=None, help="windows of L frames per step")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    ap.add_argument("--eval-every", type=int, default=100, help="steps between the printed held-out metrics (0: off)")
+    ap.add_argument("--sampler-steps", type=int, default=25, help="sampler steps of the hold-out report")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is faster on a busy machine)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--report-json", default=None, help="write the result (minutes, steps, hold-out report) here")
+    ap.add_argument("--noise-scale", type=float, default=1.0,
+                    help="hold-out report: scale of the shared starting noise x_T (1 = what sync does)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="no training: score the existing --out checkpoint on the hold-out of OUT.work/")
+    return ap
+
+
+def _report_only(a: argparse.Namespace) -> int:
+    from .data.preprocess import shard_name
+
+    work = work_dir_for(a.out)
+    st = _load_state(work)
+    shards = sorted(work.glob(f"shards_*/{shard_name(Path(a.video))}"))
+    if not st or not shards or not Path(a.out).is_file():
+        print(f"error: --report-only: no finished run in {work} for {a.video}", file=sys.stderr)
+        return 2
+    holdout = float(st["holdout"]) if not a.holdout else a.holdout
+    rep = holdout_report(a.out, shards[0], holdout, device=a.device, vae=a.vae, steps=a.sampler_steps,
+                         seed=a.seed, noise_scale=a.noise_scale)
+    print(format_report(rep))
+    if a.report_json:
+        from .models.checkpoint import read_metadata
+
+        tf_steps = json.loads(read_metadata(a.out).get("training_state", "{}")).get("step", 0)
+        Path(a.report_json).write_text(json.dumps({"checkpoint": str(a.out), "minutes": st.get("minutes", {}),
+                                                   "steps": {"autoencoder": st.get("ae_steps", 0),
+                                                             "talkformer": tf_steps}, "report": rep},
+                                                  indent=1, default=float))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.report_only:
+        return _report_only(a)
+    try:
+        res = finetune(a.video, a.out, budget_minutes=a.budget_minutes, vae=a.vae, init_landmarks=a.init_landmarks,
+                       holdout=a.holdout, device=a.device, resume=a.resume, preset=a.preset, steps=a.steps,
+                       crop_size=a.crop_size, lr=a.lr, batch_size=a.batch_size, bf16=a.bf16, seed=a.seed,
+                       eval_every=a.eval_every, sampler_steps=a.sampler_steps, noise_scale=a.noise_scale,
+                       threads=a.threads)
+    except TalkFormerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: a resumable checkpoint is in {work_dir_for(a.out)}; run again with --resume",
+              file=sys.stderr)
+        return 130
+    if a.report_json:
+        Path(a.report_json).write_text(json.dumps({"checkpoint": str(res.checkpoint), "minutes": res.minutes,
+                                                   "steps": res.steps, "report": res.report,
+                                                   "history": res.history}, indent=1, default=float))
+    print(json.dumps({"checkpoint": str(res.checkpoint), "minutes": {k: round(v, 2) for k, v in res.minutes.items()},
+                      "steps": res.steps}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
