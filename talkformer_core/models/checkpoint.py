@@ -185,7 +185,6 @@ def save_checkpoint(path: str | os.PathLike, modules: Mapping[str, nn.Module | M
     crash never leaves a half-written checkpoint under the real name. With ``external_vae`` (see
     ``external_vae_spec``) the autoencoder is named, not stored: ``autoencoder.*`` is dropped.
     """
-    from safetensors.torch import save_file
 
     from .. import __version__
 
@@ -216,18 +215,7 @@ def save_checkpoint(path: str | os.PathLike, modules: Mapping[str, nn.Module | M
             raise ValueError(f"extra_metadata may not override {k!r}")
         meta[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return _write_atomically(tensors, Path(path), meta)
 
 
 def _check_metadata(meta: dict[str, str] | None, path: Path) -> dict[str, str]:
@@ -468,21 +456,29 @@ def save_training_state(path: str | os.PathLike, state: Mapping[str, Any]) -> Pa
     raw, so a resume is bit-exact; the structure, ints, floats (exact via JSON repr), tuples and
     int-keyed dicts go to the ``state`` metadata string.
     """
-    from safetensors.torch import save_file
-
     from .. import __version__
 
     tensors: dict[str, torch.Tensor] = {}
     structure = _encode(dict(state), "", tensors)
     meta = {"format": TRAINING_STATE_FORMAT, "format_version": FORMAT_VERSION,
             "state": json.dumps(structure), "created_by": f"talkformer_core {__version__}"}
-    path = Path(path)
+    return _write_atomically(tensors, Path(path), meta)
+
+
+def _write_atomically(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> Path:
+    """safetensors file written beside ``path``, fsynced, then renamed: never a half-written file.
+    safetensors creates it 0600; a finished checkpoint gets a plain file's mode (0666 - umask)."""
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=meta)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
