@@ -64,6 +64,12 @@ class UNetConfig:
     landmark_dim: int = 256  # width of the 1-D conv landmark embedding (M-Align keys/values)
     dropout: float = 0.0
     num_motion_frames: int = 2  # Temp-Att: frames of the previous clip prepended
+    # M-Align positions (our addition, off in every paper-faithful preset): Fourier features of each
+    # query token's crop-frame position added to the query input, and of each landmark's coordinates
+    # added to its embedding, so attention can match "this place" with "the landmarks near it"
+    # directly. Eq. 3's queries see content only and must infer where they are; with a few thousand
+    # steps on one person's clip they never do (M-Align stays unused, docs/finetune.md).
+    position_features: bool = False
 
 
 @dataclass

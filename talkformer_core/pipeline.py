@@ -473,7 +473,16 @@ def _sample_latents_talkformer(model: LoadedModel, crops: np.ndarray, landmarks_
                                step_callback: Callable[[int, int], None] | None,
                                generator: torch.Generator | None, motion: torch.Tensor | None
                                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """-> (x0 latents (B, C, h, w) fp32, the motion latents for the next call or None)."""
+    """-> (x0 latents (B, C, h, w) fp32, the motion latents for the next call or None).
+
+    The returned latents are what ``_decode`` decodes: the generated lower half under the upper half
+    of E(crop), the template crop itself. The sampler's fixed upper half is E(masked crop)[:h/2]
+    (DESIGN.md §1), but that is no latent the decoder ever saw with a face below it: its rows near
+    the middle carry the black mask, and the decoder's receptive field spreads it into the mouth
+    (measured on real clips: decoding E(masked)[:h/2] over E(crop)[h/2:] loses 3.0 dB lower-face
+    PSNR and 1.2 px LMD against decoding E(crop); docs/finetune.md). E(crop)[:h/2] over a perfect
+    lower half is exactly E(crop), the autoencoder's own reconstruction.
+    """
     from .diffusion import get_sampler
 
     tf = model.model
@@ -483,7 +492,9 @@ def _sample_latents_talkformer(model: LoadedModel, crops: np.ndarray, landmarks_
     cb = None if step_callback is None else (lambda i, n, x, x0: step_callback(i, n))
     L = model.sequence_length if model.config.model.temporal_attention else None
     with model.autocast():
-        known = tf.encode_masked(crops_to_tensor(crops, dev)).float()  # (B, C, h, w)
+        x_crops = crops_to_tensor(crops, dev)
+        known = tf.encode_masked(x_crops).float()  # (B, C, h, w)
+        upper = tf.encode(x_crops).float()  # (B, C, h, w): the decoder's upper half, see above
         h, w = known.shape[2:]
         mask = tf.known_mask(h, w, device=dev).bool()  # (1, 1, h, w) upper half
         lms = torch.as_tensor(landmarks_crop, dtype=torch.float32, device=dev)
@@ -497,7 +508,7 @@ def _sample_latents_talkformer(model: LoadedModel, crops: np.ndarray, landmarks_
 
             out = fn(model_fn, x_T, model.schedule, steps, known=known, known_mask=mask, eta=eta,
                      callback=cb, generator=generator)
-            return out, None
+            return torch.where(mask, upper, out), None
         # + TempAttn: clips of L frames (the last padded by repeating), 2 motion frames carried over
         M = model.config.model.unet.num_motion_frames
         outs = []
@@ -514,7 +525,7 @@ def _sample_latents_talkformer(model: LoadedModel, crops: np.ndarray, landmarks_
             x0 = fn(model_fn, x_T[sel], model.schedule, steps, known=known[sel], known_mask=mask, eta=eta,
                     callback=cb, generator=generator)
             n_real = min(B, c0 + L) - c0
-            outs.append(x0[:n_real])
+            outs.append(torch.where(mask, upper[c0:c0 + n_real], x0[:n_real]))
             motion = x0[n_real - M:n_real] if n_real >= M else torch.cat([x0[:1]] * (M - n_real) + [x0[:n_real]])
         return torch.cat(outs), motion
 

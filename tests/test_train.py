@@ -193,3 +193,41 @@ def test_autoencoder_stage_scale_factor_and_use(shards, tmp_path):
     rows = (tmp_path / "tf" / "log.csv").read_text().splitlines()
     assert rows[0].startswith("step,loss,ldm,l1") and len(rows) == 3
     assert any((tmp_path / "tf" / "tb").iterdir())
+
+
+def test_latent_cache_gives_the_losses_and_gradients_of_encoding_every_step(shards, ae_file):
+    """LatentCache (stage talkformer) holds E(crop) and E(masked crop) of every training frame; a
+    step reading it computes the same losses and gradients as a step encoding its three images."""
+    from talkformer_core.data.dataset import TalkingFaceDataset
+    from talkformer_core.models.checkpoint import load_model_state, read_checkpoint
+    from talkformer_core.models.model import TalkFormer
+    from talkformer_core.train.loop import LatentCache, TalkFormerStep
+
+    cfg = tiny_config(end_to_end=True)
+    torch.manual_seed(0)
+    model = TalkFormer(cfg).eval()
+    load_model_state(model.autoencoder, read_checkpoint(ae_file)[0], "autoencoder")
+    ds = TalkingFaceDataset(shards, cfg, frames=(0.0, 0.8))
+    cache = LatentCache(model, ds, torch.device("cpu"), batch=7)  # a batch size that splits clips unevenly
+    assert len(cache.z) == len(ds.clips) == 2
+    for ci, clip in enumerate(ds.clips):
+        assert cache.z[ci].shape[0] == clip.hi - clip.lo
+    assert LatentCache.estimate_bytes(model, ds) == sum(2 * z.numel() * 4 for z in cache.z)
+
+    batch = torch.utils.data.default_collate([ds[(i, 3)] for i in (0, 5, len(ds) - 1)])
+    with torch.no_grad():
+        z0, ctx, z_r = cache.lookup(batch)
+        assert torch.allclose(z0, model.encode(batch["crops"].flatten(0, 1)), atol=1e-5)
+        assert torch.allclose(ctx, model.encode(batch["masked"].flatten(0, 1)), atol=1e-5)
+        assert torch.allclose(z_r, model.encode(batch["reference"]), atol=1e-5)
+    out = []
+    for latents in (None, cache):
+        step = TalkFormerStep(model, cfg, latents=latents).train()
+        model.zero_grad()
+        torch.manual_seed(11)  # dropout draws from the global RNG
+        parts = step.losses(batch, torch.Generator().manual_seed(3))
+        parts["loss"].backward()
+        grads = torch.cat([p.grad.flatten() for p in model.unet.parameters() if p.grad is not None])
+        out.append((float(parts["ldm"]), float(parts["l1"]), grads))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-4) and out[0][1] == out[1][1]
+    assert torch.allclose(out[0][2], out[1][2], rtol=1e-3, atol=1e-6)

@@ -19,6 +19,7 @@ A sample (dict of tensors; L = cfg.model.sequence_length, N = num_reference_land
     ref_landmarks   (N, 131, 2)       float32  box frame   N landmark sets outside the window
     frame_index     (L,)              int64                frame numbers in the clip
     clip_index      ()                int64
+    reference_index ()                int64                frame number of ``reference`` in the clip
 
 Reference frames (the appearance reference and the N landmark sets) are frames of the same clip
 (inside ``frames``) outside the window with a face. Training (``deterministic=False``): random, as
@@ -175,6 +176,7 @@ class TalkingFaceDataset(Dataset):
             "ref_landmarks": torch.from_numpy(d["points131_box"][refs].astype(np.float32)),  # (N, 131, 2)
             "frame_index": torch.from_numpy(win.astype(np.int64)),
             "clip_index": torch.tensor(ci, dtype=torch.int64),
+            "reference_index": torch.tensor(int(ref_frame), dtype=torch.int64),
         }
 
 

@@ -89,6 +89,23 @@ def sinusoid(positions: Tensor, dim: int) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # landmark embeddings (shared by all blocks of a U-Net; each block projects them to its own K/V)
 
+POSITION_FREQUENCIES = 6  # Fourier features sin/cos(2^k pi p), k < 6, of x and y: 24 numbers
+
+
+def fourier_features(p: Tensor, n: int = POSITION_FREQUENCIES) -> Tensor:
+    """(..., 2) positions in [0, 1] -> (..., 4n) sin/cos of 2^k pi x and 2^k pi y, k = 0..n-1."""
+    f = (2.0 ** torch.arange(n, device=p.device, dtype=p.dtype)) * math.pi  # (n,)
+    a = p[..., None] * f  # (..., 2, n)
+    return torch.cat([a.sin(), a.cos()], dim=-1).flatten(-2)  # (..., 4n)
+
+
+def grid_positions(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(h*w, 2) crop-frame (x, y) in [0, 1] of the centres of an h x w feature map's cells, row-major."""
+    ys = (torch.arange(h, device=device, dtype=dtype) + 0.5) / h
+    xs = (torch.arange(w, device=device, dtype=dtype) + 0.5) / w
+    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(h * w, 2)
+
+
 class LandmarkEmbedding(nn.Module):
     """Eq. 3's landmark embedding: a 1-D conv over the 131 points plus a learned per-point embedding.
 
@@ -97,7 +114,7 @@ class LandmarkEmbedding(nn.Module):
     attention tell points apart where coordinates alone would not (e.g. a closed mouth).
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, position_features: bool = False):
         super().__init__()
         self.conv = nn.Sequential(
             nn.Conv1d(2, dim, 1), nn.SiLU(),
@@ -106,10 +123,14 @@ class LandmarkEmbedding(nn.Module):
         )
         self.point = nn.Parameter(torch.randn(NUM_LANDMARKS, dim) * 0.02)
         self.norm = nn.LayerNorm(dim)
+        # UNetConfig.position_features: the coordinates' Fourier features, the same map as the queries'
+        self.position = nn.Linear(4 * POSITION_FREQUENCIES, dim) if position_features else None
 
     def forward(self, landmarks: Tensor) -> Tensor:
         x = (landmarks * 2 - 1).transpose(1, 2).contiguous()  # (B, 2, 131) in [-1, 1]; mkldnn conv1d is ~100x slower on strided input
         h = self.conv(x).transpose(1, 2)  # (B, 131, D)
+        if self.position is not None:
+            h = h + self.position(fourier_features(landmarks))  # (B, 131, D)
         return self.norm(h + self.point)  # (B, 131, D)
 
 
@@ -134,7 +155,7 @@ class MAlign(nn.Module):
     h + ZeroConv1x1(softmax(QK^T / sqrt(d)) V).
     """
 
-    def __init__(self, channels: int, heads: int, landmark_dim: int):
+    def __init__(self, channels: int, heads: int, landmark_dim: int, position_features: bool = False):
         super().__init__()
         self.heads = heads
         self.norm = group_norm(channels)
@@ -142,6 +163,8 @@ class MAlign(nn.Module):
         self.to_k = nn.Linear(landmark_dim, channels, bias=False)
         self.to_v = nn.Linear(landmark_dim, channels, bias=False)
         self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
+        # UNetConfig.position_features: each query token's own crop-frame position, added to its input
+        self.position = nn.Linear(4 * POSITION_FREQUENCIES, channels) if position_features else None
 
     def kv(self, emb: Tensor) -> KV:
         """emb (N, 131, D) -> K, V (N, heads, 131, d); once per frame, reused at every step."""
@@ -149,7 +172,10 @@ class MAlign(nn.Module):
 
     def forward(self, x: Tensor, kv: KV) -> Tensor:
         N, C, H, W = x.shape
-        q = self.to_q(tokens(self.norm(x)))  # (N, HW, C)
+        q_in = tokens(self.norm(x))  # (N, HW, C)
+        if self.position is not None:
+            q_in = q_in + self.position(fourier_features(grid_positions(H, W, x.device, q_in.dtype)))  # + (HW, C)
+        q = self.to_q(q_in)  # (N, HW, C)
         a = attend_grouped(q, kv[0], kv[1], self.heads)  # (N, HW, C)
         return x + self.proj_out(untokens(a, H, W))
 
@@ -276,10 +302,11 @@ class TalkFormerBlock(nn.Module):
 
     def __init__(self, channels: int, heads: int, landmark_dim: int, *, m_align: bool = True,
                  r_align: bool = True, temporal: bool = False, num_motion: int = 2,
-                 part: str = "encoder", scale: int = 2):
+                 part: str = "encoder", scale: int = 2, position_features: bool = False):
         super().__init__()
         self.part, self.scale = part, scale
-        self.m_align = MAlign(channels, heads, landmark_dim) if m_align else LandmarkAdd(channels, landmark_dim)
+        self.m_align = (MAlign(channels, heads, landmark_dim, position_features) if m_align
+                        else LandmarkAdd(channels, landmark_dim))
         self.r_align = RAlign(channels, heads) if r_align else SelfAttention2d(channels, heads)
         self.temporal = TemporalAttention(channels, heads, num_motion) if temporal else None
 

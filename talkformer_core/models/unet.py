@@ -189,7 +189,8 @@ class TalkFormerUNet(nn.Module):
         self.__dict__["appearance"] = appearance
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
-        self.landmark_embed = LandmarkEmbedding(u.landmark_dim) if cfg.m_align else LandmarkMLP(u.landmark_dim)
+        self.landmark_embed = (LandmarkEmbedding(u.landmark_dim, u.position_features) if cfg.m_align
+                               else LandmarkMLP(u.landmark_dim))
         self.conv_in = nn.Conv2d(C if cfg.r_align else 2 * C, mc, 3, padding=1)
         if not cfg.r_align:  # z_r's half of conv_in starts at zero: output independent of z_r at init
             with torch.no_grad():
@@ -198,7 +199,8 @@ class TalkFormerUNet(nn.Module):
         def tf(ch: int, part: str, scale: int) -> TalkFormerBlock:
             return TalkFormerBlock(ch, heads_for(ch, u.head_channels), u.landmark_dim, m_align=cfg.m_align,
                                    r_align=cfg.r_align, temporal=cfg.temporal_attention,
-                                   num_motion=u.num_motion_frames, part=part, scale=scale)
+                                   num_motion=u.num_motion_frames, part=part, scale=scale,
+                                   position_features=u.position_features)
 
         # encoder
         self.encoder = nn.ModuleList()

@@ -191,16 +191,71 @@ def enable_grad_checkpointing(model: nn.Module) -> int:
     return n
 
 
+LATENT_CACHE_MAX_BYTES = 2 * 1024 ** 3  # auto mode caches when every frame's two latents fit in this
+
+
+class LatentCache:
+    """The frozen autoencoder's latents of every frame the training windows can touch, computed once.
+
+    Stage talkformer encodes three images per frame per step (crop, masked crop, reference) with an
+    autoencoder that never changes; on a CPU at person-specific sizes that is most of a step
+    (measured in docs/finetune.md). ``E`` is the posterior mean, so a cached latent is the value the
+    step would compute (up to float rounding of another batch size). Per clip: z and context, each
+    (hi - lo, C, h, w) on ``device``, for the clip's frames [lo, hi) (the dataset's ``frames`` part;
+    found or not: a crop is an image either way).
+    """
+
+    def __init__(self, model: nn.Module, dataset: Any, device: torch.device, batch: int = 64):
+        self.lo: list[int] = []
+        self.z: list[Tensor] = []
+        self.ctx: list[Tensor] = []
+        S = int(dataset.S)
+        with torch.no_grad():
+            for ci, clip in enumerate(dataset.clips):
+                crops = dataset.clip_arrays(ci)["crops"]  # (T, S, S, 3) uint8
+                zs, cs = [], []
+                for a in range(clip.lo, clip.hi, batch):
+                    x = torch.from_numpy(np.ascontiguousarray(crops[a:min(a + batch, clip.hi)])).to(device)
+                    x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (b, 3, S, S) in [-1, 1], as the dataset
+                    zs.append(model.encode(x).float())
+                    x[:, :, S // 2:] = -1.0  # the dataset's masked crop
+                    cs.append(model.encode(x).float())
+                self.lo.append(clip.lo)
+                self.z.append(torch.cat(zs))
+                self.ctx.append(torch.cat(cs))
+
+    @staticmethod
+    def estimate_bytes(model: nn.Module, dataset: Any) -> int:
+        """Bytes the cache would hold (two float32 latents per frame), from one encoded frame's shape."""
+        with torch.no_grad():
+            p = next(model.autoencoder.parameters())
+            z = model.encode(torch.zeros(1, 3, dataset.S, dataset.S, device=p.device, dtype=p.dtype))
+        return int(sum(c.hi - c.lo for c in dataset.clips)) * 2 * z[0].numel() * 4
+
+    def lookup(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(z0 (B*L, C, h, w), context (B*L, C, h, w), z_r (B, C, h, w)) of the batch's frames."""
+        clips = batch["clip_index"].tolist()  # (B,)
+        frames = batch["frame_index"].tolist()  # (B, L)
+        refs = batch["reference_index"].tolist()  # (B,)
+        dev = self.z[0].device
+        win = [torch.as_tensor([f - self.lo[c] for f in fr], device=dev) for c, fr in zip(clips, frames)]
+        z0 = torch.cat([self.z[c][w] for c, w in zip(clips, win)])
+        ctx = torch.cat([self.ctx[c][w] for c, w in zip(clips, win)])
+        z_r = torch.stack([self.z[c][r - self.lo[c]] for c, r in zip(clips, refs)])
+        return z0, ctx, z_r
+
+
 class TalkFormerStep(nn.Module):
     """One micro-batch of the joint loss (eq. 6). The module DDP wraps (its forward is the step)."""
 
-    def __init__(self, model: nn.Module, cfg: TalkFormerConfig):
+    def __init__(self, model: nn.Module, cfg: TalkFormerConfig, latents: LatentCache | None = None):
         super().__init__()
         from ..diffusion import NoiseSchedule
 
         self.model = model
         self.cfg = cfg
         self.schedule = NoiseSchedule(cfg.model.diffusion)
+        self.latents = latents  # not a module: never in a state dict, never broadcast by DDP
 
     def forward(self, batch: Mapping[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         parts = self.losses(batch, generator)
@@ -224,10 +279,14 @@ class TalkFormerStep(nn.Module):
         else:
             lm_crop = batch["target_crop"]
         # stage 2: latents of the frozen autoencoder
-        with torch.no_grad():
-            z0 = m.encode(crops.flatten(0, 1))  # (B*L, C, h, w)
-            ctx = m.encode(masked.flatten(0, 1))  # (B*L, C, h, w)
-            z_r = m.encode(batch["reference"])  # (B, C, h, w)
+        if self.latents is not None:
+            z0, ctx, z_r = self.latents.lookup(batch)
+            z0, ctx, z_r = (z.to(crops.dtype) for z in (z0, ctx, z_r))
+        else:
+            with torch.no_grad():
+                z0 = m.encode(crops.flatten(0, 1))  # (B*L, C, h, w)
+                ctx = m.encode(masked.flatten(0, 1))  # (B*L, C, h, w)
+                z_r = m.encode(batch["reference"])  # (B, C, h, w)
         T = self.schedule.num_timesteps
         t = torch.randint(0, T, (B,), generator=generator, device=generator.device).to(z0.device)
         t = t.repeat_interleave(L)  # one t per clip (Temp-Att sees one noise level)
@@ -334,6 +393,7 @@ def preview_grid(model: nn.Module, batch: Mapping[str, Tensor], cfg: TalkFormerC
     h, w = ctx.shape[-2:]
     z = sample_ddim(lambda x, t: model.unet(x, t, lmc, ref, num_frames=L), noise, sched, steps,
                     known=ctx, known_mask=upper_half_mask(h, w, ctx.device))
+    z = torch.where(upper_half_mask(h, w, ctx.device), model.encode(b["crops"][0]), z)  # decode under E(crop)'s upper half, as the pipeline does
     gen = model.decode(z)  # (L, 3, S, S)
 
     def img(x: Tensor) -> np.ndarray:
@@ -438,13 +498,16 @@ def train(cfg: TalkFormerConfig | str, *, stage: str, data: str | Path, out: str
           preview_steps: int = 10, save_every: int = 0, seed: int = 0, frames: tuple[float, float] = (0.0, 1.0),
           num_workers: int = 0, budget_minutes: float | None = None,
           callback: Callable[[int, int, dict[str, float]], None] | None = None,
-          progress: bool = True, log_every: int = 1) -> TrainResult:
+          progress: bool = True, log_every: int = 1, cache_latents: bool | None = None) -> TrainResult:
     """Train one stage; returns the final checkpoint path and the metrics (per-step losses).
 
     ``batch_size`` is per process and micro-batch; the global batch is batch_size x world x
     grad_accum. ``callback(step, steps, metrics)`` runs after every optimiser step (rank 0);
     raising from it stops training after a checkpoint is written (interrupt), and the exception
     propagates. ``budget_minutes`` stops cleanly (checkpoint written) when the wall clock runs out.
+    ``cache_latents`` (stage talkformer): encode every training frame with the frozen autoencoder
+    once (``LatentCache``) instead of three encodes per frame per step; None = when the cache fits
+    in LATENT_CACHE_MAX_BYTES.
     """
     from tqdm import tqdm
 
@@ -556,6 +619,16 @@ def train(cfg: TalkFormerConfig | str, *, stage: str, data: str | Path, out: str
     else:
         dataset = TalkingFaceDataset(data, cfg, split="train", frames=frames, seed=seed)
 
+    if stage == "talkformer" and cache_latents is not False:
+        need = LatentCache.estimate_bytes(model, dataset)
+        if cache_latents or need <= LATENT_CACHE_MAX_BYTES:
+            step_module.latents = LatentCache(model, dataset, dev)
+            metrics_cache = need
+        else:
+            metrics_cache = 0
+    else:
+        metrics_cache = 0
+
     if resume:
         st = load_training_state(st_path)
         if st.get("stage") != stage:
@@ -580,7 +653,7 @@ def train(cfg: TalkFormerConfig | str, *, stage: str, data: str | Path, out: str
                                          # from the global RNG (dropout's), or a resume would differ
                                          generator=torch.Generator().manual_seed(seed))
     logger = Logger(out, start_step, dd.main)
-    metrics: dict[str, Any] = {"loss": [], "steps": [], "start_step": start_step}
+    metrics: dict[str, Any] = {"loss": [], "steps": [], "start_step": start_step, "latent_cache_bytes": metrics_cache}
     autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16 and dev.type == "cuda")
 
     def save(step: int) -> None:
