@@ -100,7 +100,7 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--clips", nargs="*", default=None)
     ap.add_argument("--work", default="/tmp/talkformer_finetune_real")
     ap.add_argument("--out", default=str(ROOT / "docs" / "finetune_results.md"))

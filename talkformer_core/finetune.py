@@ -83,14 +83,22 @@ def person_config(crop_size: int = 64, *, full_landmarks: bool = False, vae: boo
         ae = AutoencoderConfig(ch=32, ch_mult=(1, 2, 4), num_res_blocks=1, resolution=crop_size)
     lm = LandmarkConfig() if full_landmarks else LandmarkConfig(d_model=128, nlayers=2, nhead=4,
                                                                  dim_feedforward=256, width=0.25)
-    unet = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, head_channels=32, landmark_dim=64)
+    # position_features: M-Align's queries and keys get Fourier features of their crop-frame
+    # positions (our addition; the paper presets keep eq. 3). Without them a U-Net trained for a few
+    # thousand steps on one clip never used M-Align: its output was the same whatever the landmarks
+    # (0.002 grey levels apart for a closed and a wide-open mouth); with them it follows the
+    # landmarks (docs/finetune_results.md).
+    unet = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, head_channels=32, landmark_dim=64,
+                      position_features=True)
     return TalkFormerConfig(
         name=f"person{crop_size}",
         model=ModelConfig(image_size=crop_size, autoencoder=ae, landmark=lm, unet=unet),
         # end_to_end off: within a CPU budget (a few hundred steps) the completion module's predictions
         # stay poor (box-frame L1 ~0.14 after 400 steps), and a U-Net fed them learns to ignore
         # M-Align; fed the detected landmarks it learns to follow them (measured: docs/finetune.md).
-        train=TrainConfig(lr=1e-3, batch_size=4, autoencoder_lr=1e-3, ema_decay=0.999, end_to_end=False),
+        # EMA 0.995 (a ~200-step horizon: a 0.999 average would still hold the first, poor steps of a
+        # ~1500-step run); finetune trains stage 2 with it and the checkpoint's EMA weights are used
+        train=TrainConfig(lr=1e-3, batch_size=4, autoencoder_lr=1e-3, ema_decay=0.995, end_to_end=False),
     )
 
 
@@ -191,7 +199,7 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
              vae: str | os.PathLike | None = None, init_landmarks: str | os.PathLike | None = None,
              holdout: float = 0.0, device: str | None = None, resume: bool = False, preset: str = "cpu64",
              steps: int | None = None, crop_size: int | None = None, lr: float | None = None,
-             batch_size: int | None = None, bf16: bool = False, seed: int = 0, eval_every: int = 100,
+             batch_size: int | None = None, bf16: bool = False, seed: int = 0, eval_every: int = 250,
              sampler: str = "ddim", sampler_steps: int = 25, noise_scale: float = 1.0, threads: int | None = None,
              progress: ProgressFn | None = None, tqdm_bar: bool = True,
              print_fn: Callable[[str], None] | None = print) -> FinetuneResult:
@@ -330,7 +338,7 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
     try:
         res = train(cfg, stage="talkformer", data=shards, out=tf_dir, steps=10 ** 7 if steps is None else steps,
                     autoencoder=ae_ck if vae is None else None, vae=vae, init_landmarks=init_landmarks,
-                    frames=frames, budget_minutes=max(tf_left, 0.05),
+                    frames=frames, budget_minutes=max(tf_left, 0.05), ema=True,
                     resume=(tf_dir / "last.state.safetensors").exists(), device=device, bf16=bf16, seed=seed,
                     save_every=eval_every if eval_every else 0, callback=tf_cb, progress=False, log_every=10)
     finally:
@@ -660,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=None, help="TalkFormer learning rate (default: the preset's)")
     ap.add_argument("--batch-size", type=int, default=None, help="windows of L frames per step")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
-    ap.add_argument("--eval-every", type=int, default=100, help="steps between the printed held-out metrics (0: off)")
+    ap.add_argument("--eval-every", type=int, default=250, help="steps between the printed held-out metrics (0: off)")
     ap.add_argument("--sampler-steps", type=int, default=25, help="sampler steps of the hold-out report")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is faster on a busy machine)")
     ap.add_argument("--seed", type=int, default=0)

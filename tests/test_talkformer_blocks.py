@@ -182,3 +182,52 @@ def test_r_align_learns_implicit_warping():
         if ratios[-1] > 10:
             break
     assert max(ratios) > 10, ratios
+
+
+def test_position_features_let_m_align_place_what_the_landmarks_say():
+    """Eq. 3's queries see content only: on a feature map that is the same everywhere, M-Align's
+    output is the same everywhere, whatever the landmarks. With UNetConfig.position_features the
+    queries know their place: trained briefly to mark the cell under landmark 0, it marks the right
+    cell for positions it never saw."""
+    from talkformer_core.models.talkformer import fourier_features, grid_positions
+
+    H = W = 8
+    x = torch.zeros(1, 16, H, W) + 0.3  # content-free: every query token is the same
+    plain = MAlign(16, 2, 24)
+    _randomize_zeros(plain)
+    y = plain(x.expand(3, -1, -1, -1), plain.kv(LandmarkEmbedding(24)(torch.rand(3, 131, 2))))
+    assert (y - y.mean(dim=(2, 3), keepdim=True)).abs().max() < 1e-5
+
+    # grid cells and landmarks share the crop frame: a landmark at a cell centre has its features
+    g = grid_positions(H, W, torch.device("cpu"), torch.float32)  # (HW, 2), row-major
+    assert torch.allclose(g[1 * W + 2], torch.tensor([2.5 / W, 1.5 / H]))
+    assert fourier_features(g).shape == (H * W, 24)
+
+    torch.manual_seed(0)
+    # one 32-channel head: room for the 24 Fourier features on both sides of q.k
+    layer, emb = MAlign(32, 1, 32, position_features=True), LandmarkEmbedding(32, position_features=True)
+    x = torch.zeros(1, 32, H, W) + 0.3
+    opt = torch.optim.Adam([*layer.parameters(), *emb.parameters()], lr=3e-3)
+    base = torch.rand(1, 131, 2)
+
+    def batch(n, gen):
+        cells = torch.randint(0, H * W, (n,), generator=gen)
+        lm = base.repeat(n, 1, 1)
+        lm[:, 0] = g[cells]  # landmark 0 at a cell centre
+        return lm, cells
+
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(600):  # a plateau, then learned by ~400 (measured)
+        lm, cells = batch(16, gen)
+        target = F.one_hot(cells, H * W).float().view(16, 1, H, W)
+        out = layer(x.expand(16, -1, -1, -1), layer.kv(emb(lm)))[:, :1] - 0.3  # channel 0
+        loss = F.mse_loss(out, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    lm, cells = batch(32, torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        out = layer(x.expand(32, -1, -1, -1), layer.kv(emb(lm)))[:, 0].flatten(1)  # (32, HW)
+    hit = out.argmax(1)
+    dist = (g[hit] - g[cells]).abs().max(1).values * W  # in cells
+    assert (dist <= 1.0 + 1e-6).float().mean() >= 0.9, dist
