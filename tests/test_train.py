@@ -231,3 +231,25 @@ def test_latent_cache_gives_the_losses_and_gradients_of_encoding_every_step(shar
         out.append((float(parts["ldm"]), float(parts["l1"]), grads))
     assert out[0][0] == pytest.approx(out[1][0], rel=1e-4) and out[0][1] == out[1][1]
     assert torch.allclose(out[0][2], out[1][2], rtol=1e-3, atol=1e-6)
+
+
+def test_ema_warm_up_forgets_the_initial_weights_of_a_short_run():
+    """EMA.update(step) uses min(decay, (1 + step) / (10 + step)): after 150 steps of fixed weights
+    the shadow holds what prod(decays) predicts, and far less of the initialisation than the plain
+    decay would (0.995 ** 150 = 47 %)."""
+    from talkformer_core.train.loop import EMA
+
+    lin = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        lin.weight.zero_()
+    ema = EMA({"m": lin}, 0.995)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    keep = 1.0
+    for step in range(1, 151):
+        ema.update(step)
+        keep *= ema.decay_at(step)
+    assert ema.decay_at(10_000) == 0.995 and ema.decay_at(1) == pytest.approx(2 / 11)
+    got = ema.state_dict()["m.weight"]
+    assert torch.allclose(got, torch.full_like(got, 1.0 - keep), atol=1e-5)
+    assert keep < 0.05 < 0.995 ** 150

@@ -149,14 +149,24 @@ class EMA:
         self.shadow = {f"{n}.{k}": v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
                        for n, m in self.modules.items() for k, v in m.state_dict().items()}
 
+    def decay_at(self, step: int | None) -> float:
+        """The decay after optimiser step ``step`` (1-based): min(decay, (1 + step) / (10 + step)), the
+        usual warm-up, so a short run's average is not dominated by its initial weights (with 0.995
+        and no warm-up, 150 steps in the shadow still held 47 % of the initialisation). ``None``:
+        the plain decay. A function of the step alone, so a resumed run averages identically."""
+        if step is None:
+            return self.decay
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, step: int | None = None) -> None:
+        decay = self.decay_at(step)
         for n, m in self.modules.items():
             params = dict(m.named_parameters())
             for k, v in m.state_dict().items():
                 s = self.shadow[f"{n}.{k}"]
                 if k in params and v.is_floating_point():
-                    s.lerp_(v.float(), 1.0 - self.decay)
+                    s.lerp_(v.float(), 1.0 - decay)
                 else:
                     s.copy_(v)
 
@@ -704,9 +714,9 @@ def train(cfg: TalkFormerConfig | str, *, stage: str, data: str | Path, out: str
                     logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / grad_accum
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip) if cfg.train.grad_clip > 0 else None
             opt.step()
-            if ema_obj is not None:
-                ema_obj.update()
             step += 1
+            if ema_obj is not None:
+                ema_obj.update(step)
             n_done += 1
             vals = {"loss": loss_sum, **logs_sum}
             if dd.world > 1:  # log the mean over processes
