@@ -31,7 +31,8 @@ def test_sample_shapes_and_frames(shards):
     assert shapes == {"crops": (L, 3, S, S), "masked": (L, 3, S, S), "mels": (L, 1, 80, 16), "pose": (L, 74, 2),
                       "target_box": (L, 131, 2), "target_crop": (L, 131, 2), "landmark_box": (L, 4),
                       "crop_box": (L, 3), "reference": (3, S, S), "ref_landmarks": (N, 131, 2),
-                      "frame_index": (L,), "clip_index": ()}
+                      "frame_index": (L,), "clip_index": (),
+                      "reference_index": ()}
     assert s["crops"].min() >= -1 and s["crops"].max() <= 1
     assert torch.equal(s["masked"][:, :, :S // 2], s["crops"][:, :, :S // 2])
     assert (s["masked"][:, :, S // 2:] == -1).all()
@@ -50,6 +51,10 @@ def test_sample_shapes_and_frames(shards):
     ref_ids = [int(np.argmin(np.abs(z["points131_box"][allowed] - r.numpy()).sum((1, 2)))) for r in s["ref_landmarks"]]
     for i, r in zip(ref_ids, s["ref_landmarks"]):
         assert np.allclose(z["points131_box"][allowed[i]], r.numpy())
+    # reference_index names the frame the reference crop is (the latent cache looks it up by it)
+    ri = int(s["reference_index"])
+    assert ri in allowed
+    assert torch.equal(s["reference"], torch.from_numpy(z["crops"][ri]).permute(2, 0, 1).float() / 127.5 - 1.0)
 
 
 def test_holdout_and_deterministic_references(shards):
