@@ -219,17 +219,16 @@ class LatentCache:
         self.lo: list[int] = []
         self.z: list[Tensor] = []
         self.ctx: list[Tensor] = []
-        S = int(dataset.S)
+        from ..data.dataset import _to_image
+
         with torch.no_grad():
             for ci, clip in enumerate(dataset.clips):
                 crops = dataset.clip_arrays(ci)["crops"]  # (T, S, S, 3) uint8
                 zs, cs = [], []
                 for a in range(clip.lo, clip.hi, batch):
-                    x = torch.from_numpy(np.ascontiguousarray(crops[a:min(a + batch, clip.hi)])).to(device)
-                    x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (b, 3, S, S) in [-1, 1], as the dataset
+                    x = _to_image(crops[a:min(a + batch, clip.hi)]).to(device)  # (b, 3, S, S), as the dataset
                     zs.append(model.encode(x).float())
-                    x[:, :, S // 2:] = -1.0  # the dataset's masked crop
-                    cs.append(model.encode(x).float())
+                    cs.append(model.encode_masked(x).float())  # the dataset's masked crop
                 self.lo.append(clip.lo)
                 self.z.append(torch.cat(zs))
                 self.ctx.append(torch.cat(cs))
