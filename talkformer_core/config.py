@@ -70,6 +70,13 @@ class UNetConfig:
     # directly. Eq. 3's queries see content only and must infer where they are; with a few thousand
     # steps on one person's clip they never do (M-Align stays unused, docs/finetune.md).
     position_features: bool = False
+    # Landmark map (our addition, off in every paper-faithful preset): the jaw, outer-lip and
+    # inner-lip landmarks drawn as soft dots (Gaussian, sigma half a latent cell, max over points) on
+    # the latent grid, 3 channels, added to conv_in's output through their own 3x3 conv. A spatially
+    # aligned input a conv reads directly: with M-Align alone, a U-Net trained on one clip on a CPU
+    # placed the mouth where the upper face implied and moved it by 0 % of a landmark shift
+    # (docs/finetune_results.md, round 4).
+    landmark_map: bool = False
 
 
 @dataclass
@@ -114,6 +121,12 @@ class TrainConfig:
     ema_decay: float = 0.9999
     autoencoder_lr: float = 1e-4
     autoencoder_kl_weight: float = 1e-6
+    # Stage talkformer: each training window is shifted sideways by a random whole number of latent
+    # cells in [-shift_augment, shift_augment] (z, context and landmarks together; the filled-in
+    # border columns carry no loss). 0 = off (the paper's presets: a large dataset has every head
+    # position). Our addition for one-clip training, where the held-out frames' heads sit where no
+    # training frame's did (docs/finetune_results.md, round 4).
+    shift_augment: int = 0
 
 
 @dataclass

@@ -88,8 +88,10 @@ def person_config(crop_size: int = 64, *, full_landmarks: bool = False, vae: boo
     # thousand steps on one clip never used M-Align: its output was the same whatever the landmarks
     # (0.002 grey levels apart for a closed and a wide-open mouth); with them it follows the
     # landmarks (docs/finetune_results.md).
+    # landmark_map: the same landmarks drawn on the latent grid (UNetConfig); with M-Align alone the
+    # U-Net placed the mouth from the upper face and ignored a landmark shift (round 4 of the results)
     unet = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, head_channels=32, landmark_dim=64,
-                      position_features=True)
+                      position_features=True, landmark_map=True)
     return TalkFormerConfig(
         name=f"person{crop_size}",
         model=ModelConfig(image_size=crop_size, autoencoder=ae, landmark=lm, unet=unet),
@@ -98,7 +100,10 @@ def person_config(crop_size: int = 64, *, full_landmarks: bool = False, vae: boo
         # M-Align; fed the detected landmarks it learns to follow them (measured: docs/finetune.md).
         # EMA 0.995 (a ~200-step horizon: a 0.999 average would still hold the first, poor steps of a
         # ~1500-step run); finetune trains stage 2 with it and the checkpoint's EMA weights are used
-        train=TrainConfig(lr=1e-3, batch_size=4, autoencoder_lr=1e-3, ema_decay=0.995, end_to_end=False),
+        # shift_augment 2: +-8 px at 64 px sideways, the head movement between a clip's first 80 % and
+        # its last 20 % (measured: docs/finetune_results.md, round 4)
+        train=TrainConfig(lr=1e-3, batch_size=4, autoencoder_lr=1e-3, ema_decay=0.995, end_to_end=False,
+                          shift_augment=2),
     )
 
 

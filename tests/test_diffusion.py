@@ -311,3 +311,35 @@ def test_diffusion_does_not_import_models():
     code = ("import sys, talkformer_core.diffusion; "
             "assert not any(m.startswith('talkformer_core.models') for m in sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_ldm_loss_valid_columns_carry_no_loss():
+    """``valid`` (a shift augmentation's real columns): the loss is the mean over valid lower-half
+    cells; prediction junk in invalid columns changes nothing and gets no gradient."""
+    model_fn, _ = conv_model()
+    g = torch.Generator().manual_seed(2)
+    z0, ctx, noise = (torch.randn(3, 3, 8, 8, generator=g) for _ in range(3))
+    t = torch.tensor([5, 300, 900])
+    full, _ = ldm_loss(model_fn, z0, ctx, SCH, t=t, noise=noise)
+    same, _ = ldm_loss(model_fn, z0, ctx, SCH, t=t, noise=noise, valid=torch.ones(3, 1, 1, 8, dtype=torch.bool))
+    assert torch.allclose(full, same)
+
+    valid = torch.ones(3, 1, 1, 8, dtype=torch.bool)
+    valid[0, ..., :2] = False  # sample 0: two columns came in from the left border
+    valid[2, ..., -1:] = False
+    pred = model_fn(ldm_loss(model_fn, z0, ctx, SCH, t=t, noise=noise)[1]["z_t"], t).detach().requires_grad_(True)
+    loss, info = ldm_loss(lambda x, tt: pred * 1.0, z0, ctx, SCH, t=t, noise=noise, valid=valid)
+    err = ((pred - noise)[:, :, 4:] ** 2).detach()
+    w = valid.expand(3, 1, 4, 8).float()
+    assert torch.allclose(loss, (err * w).sum() / (w.sum() * 3))
+    assert torch.allclose(info["loss_per_sample"][1], err[1].mean())
+    loss.backward()
+    assert torch.equal(pred.grad[0, :, 4:, :2], torch.zeros(3, 4, 2))
+    assert (pred.grad[0, :, 4:, 2:] != 0).all() and (pred.grad[:, :, :4] == 0).all()
+    junk = torch.zeros(1, 1, 8, 8)
+    junk[..., 4:, :2] = 100.0
+    only0 = valid.clone()
+    only0[1:, ..., :2] = False
+    a, _ = ldm_loss(lambda x, tt: pred.detach(), z0, ctx, SCH, t=t, noise=noise, valid=only0)
+    b, _ = ldm_loss(lambda x, tt: pred.detach() + junk, z0, ctx, SCH, t=t, noise=noise, valid=only0)
+    assert torch.equal(a, b)

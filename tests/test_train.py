@@ -253,3 +253,64 @@ def test_ema_warm_up_forgets_the_initial_weights_of_a_short_run():
     got = ema.state_dict()["m.weight"]
     assert torch.allclose(got, torch.full_like(got, 1.0 - keep), atol=1e-5)
     assert keep < 0.05 < 0.995 ** 150
+
+
+def test_shift_columns_moves_latents_by_whole_cells():
+    from talkformer_core.train.loop import shift_columns
+
+    z = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
+    out, valid = shift_columns(z, torch.tensor([2, -1]))
+    assert torch.equal(out[0, :, :, 2:], z[0, :, :, :4]) and torch.equal(out[0, :, :, :2], z[0, :, :, :1].expand(3, 4, 2))
+    assert torch.equal(out[1, :, :, :5], z[1, :, :, 1:]) and torch.equal(out[1, :, :, 5], z[1, :, :, 5])
+    assert valid.shape == (2, 1, 1, 6)
+    assert valid[0].flatten().tolist() == [False, False, True, True, True, True]
+    assert valid[1].flatten().tolist() == [True] * 5 + [False]
+    same, v0 = shift_columns(z, torch.zeros(2, dtype=torch.long))
+    assert torch.equal(same, z) and v0.all()
+
+
+def test_shift_augment_moves_latents_context_and_landmarks_together(shards, ae_file):
+    """TrainConfig.shift_augment: per window one whole-cell shift k; the U-Net sees the context
+    shifted by k cells and every landmark's x moved by k / w (the same crop-frame distance), the
+    window's L frames share k, and k spans [-K, K] over draws."""
+    from talkformer_core.data.dataset import TalkingFaceDataset
+    from talkformer_core.models.checkpoint import load_model_state, read_checkpoint
+    from talkformer_core.models.model import TalkFormer
+    from talkformer_core.train.loop import TalkFormerStep, shift_columns
+
+    cfg = tiny_config(end_to_end=False)
+    cfg.train.shift_augment = 1
+    torch.manual_seed(0)
+    model = TalkFormer(cfg).eval()
+    load_model_state(model.autoencoder, read_checkpoint(ae_file)[0], "autoencoder")
+    ds = TalkingFaceDataset(shards, cfg)
+    batch = torch.utils.data.default_collate([ds[i] for i in (0, 3, 9, 12)])
+    B, L = batch["crops"].shape[:2]
+    seen = {}
+    unet_forward = model.unet.forward
+
+    def spy(z_t, t, lms, ref, num_frames):
+        seen.update(z_t=z_t.detach(), lms=lms.detach())
+        return unet_forward(z_t, t, lms, ref, num_frames=num_frames)
+
+    model.unet.forward = spy
+    step = TalkFormerStep(model, cfg)
+    with torch.no_grad():
+        ctx = model.encode(batch["masked"].flatten(0, 1))  # (B*L, C, h, w)
+    lm = batch["target_crop"].flatten(0, 1)  # (B*L, 131, 2)
+    w = ctx.shape[-1]
+    shifts = set()
+    for seed in range(6):
+        with torch.no_grad():
+            step.losses(batch, torch.Generator().manual_seed(seed))
+        dx = (seen["lms"] - lm)[..., 0]  # (B*L, 131)
+        assert torch.allclose(seen["lms"][..., 1], lm[..., 1])
+        k = torch.round(dx[:, 0] * w).long()  # (B*L,)
+        assert torch.allclose(dx, (k.float() / w)[:, None].expand_as(dx), atol=1e-6)
+        assert (k.view(B, L) == k.view(B, L)[:, :1]).all()  # one shift per window
+        assert k.abs().max() <= 1
+        h = ctx.shape[2]
+        shifted, _ = shift_columns(ctx, k)
+        assert torch.allclose(seen["z_t"][:, :, : h // 2], shifted[:, :, : h // 2], atol=1e-5)
+        shifts.update(k.tolist())
+    assert shifts == {-1, 0, 1}

@@ -119,7 +119,7 @@ def test_output_exactly_independent_of_conditions_at_init_then_dependent_after_o
 
 
 @pytest.mark.parametrize("variant", [{}, {"temporal_attention": True}, {"complete_reference_encoder": True},
-                                     {"r_align": False}, {"m_align": False}])
+                                     {"r_align": False}, {"m_align": False}, {"landmark_map": True}])
 def test_cached_equals_uncached(variant):
     cfg = _cfg(**variant)
     app, unet = _build(cfg)
@@ -150,6 +150,47 @@ def test_cached_equals_uncached(variant):
             assert (raw - unet(z, t, lc, rc, motion=None, num_frames=L)).abs().max() > 1e-4
         else:
             assert torch.equal(raw, unet(z, t, lc, rc, motion=None, num_frames=L))
+
+
+def test_landmark_map_draws_each_group_where_its_points_are():
+    """UNetConfig.landmark_map: jaw / outer lip / inner lip as Gaussian dots on the latent grid; the
+    peak sits on the point's cell, and a sub-cell move of the points moves the map's centroid by as much."""
+    from talkformer_core.face.topology import JAW_POS, LIP_POS
+    from talkformer_core.models.unet import landmark_map
+
+    p = torch.full((1, 131, 2), 0.5)
+    p[0, list(JAW_POS)] = torch.tensor([(3 + 0.5) / 16, (12 + 0.5) / 16])  # cell (row 12, col 3)
+    p[0, list(LIP_POS[:20])] = torch.tensor([(8 + 0.5) / 16, (10 + 0.5) / 16])
+    p[0, list(LIP_POS[20:])] = torch.tensor([(9 + 0.5) / 16, (10 + 0.5) / 16])
+    m = landmark_map(p, 16, 16)  # (1, 3, 16, 16)
+    assert m.shape == (1, 3, 16, 16) and float(m.max()) == pytest.approx(1.0)
+    peaks = [divmod(int(m[0, c].argmax()), 16) for c in range(3)]
+    assert peaks == [(12, 3), (10, 8), (10, 9)]
+    xs = torch.arange(16) + 0.5
+
+    def centroid_x(mm):
+        return float((mm.sum(-2) * xs).sum() / mm.sum())
+
+    q = p.clone()
+    q[..., 0] += 0.3 / 16  # 0.3 of a cell to the right
+    shift = centroid_x(landmark_map(q, 16, 16)[0, 1]) - centroid_x(m[0, 1])
+    assert shift == pytest.approx(0.3, abs=0.04)  # a sigma-0.5 dot sampled at cell centres: within ~10 %
+
+
+def test_landmark_map_path_is_zero_at_init_and_follows_the_landmarks_once_trained():
+    cfg = _cfg(landmark_map=True, m_align=False)
+    app, unet = _build(cfg)
+    z, t, lm, zr = _inputs(cfg, N=2, B_ref=1)
+    lm2 = lm.clone()
+    lm2[..., 0] += 1 / cfg.latent_size
+    with torch.no_grad():
+        lc = unet.prepare_landmarks(lm)
+        assert lc.points is not None
+        assert torch.equal(unet(z, t, lc, zr), unet(z, t, lm2, zr))  # zero-init: ignored at init
+        _randomize_zeros(unet, app)
+        assert (unet(z, t, lm, zr) - unet(z, t, lm2, zr)).abs().max() > 1e-4
+        with pytest.raises(InputError, match="landmark map"):
+            unet(z, t, LandmarkCache(lc.per_block, lc.batch), zr)
 
 
 def test_clips_are_independent():

@@ -38,13 +38,16 @@ def upper_half_mask(h: int, w: int, device: torch.device | str | None = None) ->
 
 def ldm_loss(model_fn: ModelFn, z0: torch.Tensor, context: torch.Tensor, schedule: NoiseSchedule,
              t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+             generator: torch.Generator | None = None,
+             valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """Epsilon-MSE on the lower half (eq. 1). Returns (scalar loss, info).
 
     z0, context: (B, C, h, w). t: (B,) long in [0, T) or None (uniform, from ``generator``).
     noise: (B, C, h, w) or None (standard normal from ``generator``); only its lower half is used.
     ``generator`` must live on z0's device. info holds (detached) ``t``, ``noise``, ``z_t``,
     ``eps_pred`` and ``loss_per_sample`` (B,) for logging the loss against t.
+    ``valid``: optional (B, 1, 1, w) or (B, 1, h, w) bool, latent cells that have a target (a shift
+    augmentation's filled-in border columns do not); the loss is the mean over valid lower-half cells.
     """
     if z0.dim() != 4:
         raise InputError(f"ldm_loss: expected z0 of shape (B, C, h, w), got {tuple(z0.shape)}")
@@ -68,8 +71,14 @@ def ldm_loss(model_fn: ModelFn, z0: torch.Tensor, context: torch.Tensor, schedul
         raise InputError(f"ldm_loss: model_fn returned shape {tuple(eps_pred.shape)}, expected "
                          f"{tuple(z0.shape)} (epsilon for z_t)")
     err = (eps_pred.float() - noise.float())[:, :, h // 2:, :] ** 2  # (B, C, h - h//2, w)
-    loss_per_sample = err.mean(dim=(1, 2, 3))  # (B,)
-    loss = err.mean()  # mean over the lower half's elements (equal-size samples: = mean of per-sample)
+    if valid is None:
+        loss_per_sample = err.mean(dim=(1, 2, 3))  # (B,)
+        loss = err.mean()  # mean over the lower half's elements (equal-size samples: = mean of per-sample)
+    else:
+        wgt = valid.expand(B, 1, h, w)[:, :, h // 2:, :].to(err.dtype)  # (B, 1, h - h//2, w)
+        n = wgt.sum(dim=(1, 2, 3)).clamp_min(1.0) * C  # (B,)
+        loss_per_sample = (err * wgt).sum(dim=(1, 2, 3)) / n
+        loss = (err * wgt).sum() / n.sum()
     info = {"t": t.detach(), "noise": noise.detach(), "z_t": z_t.detach(),
             "eps_pred": eps_pred.detach(), "loss_per_sample": loss_per_sample.detach()}
     return loss, info

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..errors import InputError
+from ..face.topology import JAW_POS, LIP_POS
 from .talkformer import (KV, NUM_LANDMARKS, LandmarkEmbedding, LandmarkMLP, TalkFormerBlock,
                          group_norm, zero_module)
 
@@ -139,6 +140,25 @@ class AppearanceFeatures:
         return (self.encoder if part == "encoder" else self.decoder)[scale - 1]
 
 
+# UNetConfig.landmark_map's channels: point positions in FULL_131 order (face.topology)
+MAP_GROUPS: tuple[tuple[int, ...], ...] = (JAW_POS, LIP_POS[:20], LIP_POS[20:])  # jaw, outer lip, inner lip
+
+
+def landmark_map(points: Tensor, h: int, w: int, sigma: float = 0.5) -> Tensor:
+    """(N, 131, 2) crop-frame [0, 1] -> (N, 3, h, w): per group (jaw, outer lip, inner lip) the max over
+    its points of a Gaussian dot, sigma in latent cells, at the cell centres ((j + 0.5) / w)."""
+    ys = (torch.arange(h, device=points.device, dtype=points.dtype) + 0.5)  # cell centres, in cells
+    xs = (torch.arange(w, device=points.device, dtype=points.dtype) + 0.5)
+    out = []
+    for g in MAP_GROUPS:
+        p = points[:, list(g)]  # (N, P, 2)
+        dx = p[..., 0, None] * w - xs  # (N, P, w)
+        dy = p[..., 1, None] * h - ys  # (N, P, h)
+        d2 = dy[..., :, None] ** 2 + dx[..., None, :] ** 2  # (N, P, h, w)
+        out.append(torch.exp(-d2 / (2 * sigma * sigma)).amax(dim=1))
+    return torch.stack(out, dim=1)
+
+
 @dataclass
 class LandmarkCache:
     """Per TalkFormer block: M-Align K, V (N, heads, 131, d), or the (N, C) additive vector of the
@@ -146,6 +166,7 @@ class LandmarkCache:
 
     per_block: list[Union[KV, Tensor]]
     batch: int
+    points: Tensor | None = None  # (N, 131, 2) crop frame: UNetConfig.landmark_map draws them per forward
 
 
 @dataclass
@@ -192,6 +213,9 @@ class TalkFormerUNet(nn.Module):
         self.landmark_embed = (LandmarkEmbedding(u.landmark_dim, u.position_features) if cfg.m_align
                                else LandmarkMLP(u.landmark_dim))
         self.conv_in = nn.Conv2d(C if cfg.r_align else 2 * C, mc, 3, padding=1)
+        # zero-initialised like every other conditioning path: at init the output ignores the landmarks
+        self.landmark_map_in = (zero_module(nn.Conv2d(len(MAP_GROUPS), mc, 3, padding=1)) if u.landmark_map
+                                else None)
         if not cfg.r_align:  # z_r's half of conv_in starts at zero: output independent of z_r at init
             with torch.no_grad():
                 self.conv_in.weight[:, C:].zero_()
@@ -250,7 +274,8 @@ class TalkFormerUNet(nn.Module):
             raise InputError(f"TalkFormerUNet landmarks: expected a tensor (N, {NUM_LANDMARKS}, 2) in the crop "
                              f"frame, got {got}")
         emb = self.landmark_embed(landmarks.to(self.conv_in.weight.dtype))  # (N, 131, D) or (N, D)
-        return LandmarkCache([b.m_align.kv(emb) for b in self.blocks], landmarks.shape[0])
+        return LandmarkCache([b.m_align.kv(emb) for b in self.blocks], landmarks.shape[0],
+                             landmarks if self.landmark_map_in is not None else None)
 
     def prepare_reference(self, reference: "Tensor | AppearanceFeatures | list[Tensor]") -> ReferenceCache:
         """The reference latent z_r (B_ref, C, h, w), or its appearance features -> ReferenceCache.
@@ -349,6 +374,11 @@ class TalkFormerUNet(nn.Module):
         else:  # conv_in over [z_t | z_r]; z_r's part is the cached input_bias, broadcast per clip
             x = F.conv2d(z_t, self.conv_in.weight[:, :C], self.conv_in.bias, padding=1)
             x = (x.unflatten(0, (ref.batch, N // ref.batch)) + ref.input_bias[:, None]).flatten(0, 1)
+        if self.landmark_map_in is not None:
+            if lm.points is None:
+                raise InputError("TalkFormerUNet: this U-Net draws a landmark map; its LandmarkCache must come "
+                                 "from this U-Net's prepare_landmarks")
+            x = x + self.landmark_map_in(landmark_map(lm.points, h, w).to(x.dtype))  # (N, mc, h, w)
         skips = [x]
         for level in self.encoder:
             for j, res in enumerate(level.res):

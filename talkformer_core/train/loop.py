@@ -254,6 +254,19 @@ class LatentCache:
         return z0, ctx, z_r
 
 
+def shift_columns(z: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """Shift each latent sideways by whole cells: z (N, C, h, w), k (N,) long (+ = right) ->
+    (shifted z, valid (N, 1, 1, w) bool). Output column j is input column j - k; the k columns that
+    come in from outside repeat the edge column and are marked invalid (no loss target there).
+    A whole-cell shift of an f-times-downsampling conv autoencoder's latent is, away from the border,
+    the latent of the image shifted by f*k pixels (TrainConfig.shift_augment)."""
+    N, C, h, w = z.shape
+    src = torch.arange(w, device=z.device)[None] - k[:, None]  # (N, w)
+    valid = (src >= 0) & (src < w)
+    idx = src.clamp(0, w - 1)[:, None, None, :].expand(N, C, h, w)
+    return z.gather(3, idx), valid[:, None, None, :]
+
+
 class TalkFormerStep(nn.Module):
     """One micro-batch of the joint loss (eq. 6). The module DDP wraps (its forward is the step)."""
 
@@ -302,11 +315,19 @@ class TalkFormerStep(nn.Module):
         noise = torch.randn(z0.shape, generator=generator, device=generator.device).to(z0.device, z0.dtype)
         ref = m.prepare_reference(z_r)  # once per micro-batch, shared by its L frames
         lms = lm_crop.flatten(0, 1)  # (B*L, 131, 2)
+        valid = None
+        if tc.shift_augment > 0:
+            K = int(tc.shift_augment)
+            k = torch.randint(-K, K + 1, (B,), generator=generator, device=generator.device).to(z0.device)
+            k = k.repeat_interleave(L)  # (B*L,) one shift per window: its frames move together
+            z0, valid = shift_columns(z0, k)
+            ctx, _ = shift_columns(ctx, k)
+            lms = lms + torch.stack([k.to(lms.dtype) / z0.shape[-1], torch.zeros_like(k, dtype=lms.dtype)], -1)[:, None]
 
         def model_fn(z_t: Tensor, tt: Tensor) -> Tensor:
             return m.unet(z_t, tt, lms, ref, num_frames=L)
 
-        ldm, _ = ldm_loss(model_fn, z0, ctx, self.schedule, t=t, noise=noise)
+        ldm, _ = ldm_loss(model_fn, z0, ctx, self.schedule, t=t, noise=noise, valid=valid)
         return {"loss": ldm + tc.landmark_loss_weight * l1, "ldm": ldm, "l1": l1}
 
 
