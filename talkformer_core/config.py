@@ -101,6 +101,13 @@ class ModelConfig:
     complete_reference_encoder: bool = False
     sequence_length: int = 5  # L successive frames (1 = w/o B-Sequential)
     num_reference_landmarks: int = 5  # N reference landmark sets
+    # Audio-driven landmarks: slide the predicted jaw and lips sideways so the lips' mean x is the
+    # template frame's detected lips' mean x (box frame). Our addition, on in the CPU person presets,
+    # off in the paper's: a landmark module trained on one clip places the mouth where the training
+    # frames had it (20 px @256 off on held-out frames with the head turned, docs/finetune_results.md
+    # round 4). Where the mouth sits sideways is pose, which the template frame shows; what the audio
+    # decides (opening, shape) is kept.
+    anchor_mouth_x: bool = False
 
     @property
     def latent_size(self) -> int:

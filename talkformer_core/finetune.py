@@ -94,7 +94,8 @@ def person_config(crop_size: int = 64, *, full_landmarks: bool = False, vae: boo
                       position_features=True, landmark_map=True)
     return TalkFormerConfig(
         name=f"person{crop_size}",
-        model=ModelConfig(image_size=crop_size, autoencoder=ae, landmark=lm, unet=unet),
+        # anchor_mouth_x: audio-driven lips placed sideways where the template frame's lips are (ModelConfig)
+        model=ModelConfig(image_size=crop_size, autoencoder=ae, landmark=lm, unet=unet, anchor_mouth_x=True),
         # end_to_end off: within a CPU budget (a few hundred steps) the completion module's predictions
         # stay poor (box-frame L1 ~0.14 after 400 steps), and a U-Net fed them learns to ignore
         # M-Align; fed the detected landmarks it learns to follow them (measured: docs/finetune.md).

@@ -391,7 +391,8 @@ def complete_landmarks(model: LoadedModel, analysis: FaceAnalysis, audio: AudioF
     cut into NON-overlapping windows of the config's L frames (the L of batched sequential training,
     paper §III-B); the last window, when T is not a multiple of L, is padded by repeating its last
     frame (mel and pose) and the padded predictions are dropped. Windows run in batches. The pose
-    74 points are copied through unchanged; jaw 17 and lips 40 are predicted.
+    74 points are copied through unchanged; jaw 17 and lips 40 are predicted (with the config's
+    ``anchor_mouth_x``, then slid sideways onto the template frame's detected lips' mean x).
     """
     from .models.landmark_completion import LandmarkCompletion  # noqa: F401  (type of model.landmark)
 
@@ -421,7 +422,12 @@ def complete_landmarks(model: LoadedModel, analysis: FaceAnalysis, audio: AudioF
         # fp32: 13.7 M parameters, negligible next to the U-Net, and coordinates want the precision
         pred = net.complete(mels, pose, ref_t.expand(B, -1, -1, -1))  # (B, L, 131, 2)
         out[sl] = pred.reshape(B * L, 131, 2).float().cpu().numpy()
-    return out[:T]
+    out = out[:T]
+    if model.config.model.anchor_mouth_x:
+        lips, content = list(topology.LIP_POS), list(topology.CONTENT_POS)
+        dx = analysis.points_box(idx)[:, lips, 0].mean(1) - out[:, lips, 0].mean(1)  # (T,)
+        out[:, content, 0] += dx[:, None]
+    return out
 
 
 def landmarks_to_crop(analysis: FaceAnalysis, landmarks_box: np.ndarray,
