@@ -88,6 +88,27 @@ def test_complete_landmarks_windows(env):
     np.testing.assert_allclose(crop[:, pose], a.track.points_crop(plan)[:, pose], atol=1e-4)  # box -> crop
 
 
+def test_anchor_mouth_x_moves_predicted_mouth_onto_the_template_lips(env):
+    """ModelConfig.anchor_mouth_x: the predicted jaw and lips slide sideways (one dx per frame) so the
+    lips' mean x is the template frame's detected one; shapes, heights and the pose are untouched."""
+    model, a = env["model"], env["analysis"]
+    aud = P.audio_features(env["audio3"])
+    plan = match_length_indices(a.num_frames, 13, "pingpong")
+    lips, content, pose = list(topology.LIP_POS), list(topology.CONTENT_POS), list(topology.POSE_POS)
+    plain = P.complete_landmarks(model, a, aud, plan)
+    model.config.model.anchor_mouth_x = True
+    try:
+        anchored = P.complete_landmarks(model, a, aud, plan)
+    finally:
+        model.config.model.anchor_mouth_x = False
+    np.testing.assert_allclose(anchored[:, lips, 0].mean(1), a.points_box(plan)[:, lips, 0].mean(1), atol=1e-5)
+    dx = anchored[:, content, 0] - plain[:, content, 0]  # (T, 57): one shift per frame
+    np.testing.assert_allclose(dx, np.repeat(dx[:, :1], len(content), 1), atol=1e-5)
+    assert np.abs(dx).max() > 1e-4  # the tiny model's mouth was not already there
+    np.testing.assert_array_equal(anchored[..., 1], plain[..., 1])
+    np.testing.assert_array_equal(anchored[:, pose], plain[:, pose])
+
+
 def test_sample_faces_shared_noise_and_determinism(env):
     model, a, frames = env["model"], env["analysis"], env["frames"]
     from talkformer_core.face.track import crop_frame
