@@ -402,7 +402,8 @@ def complete_landmarks(model: LoadedModel, analysis: FaceAnalysis, audio: AudioF
         raise InputError(f"{audio.source}: {audio.num_frames} audio frames for {T} output frames")
     L = model.sequence_length
     refs = reference_landmark_sets(analysis, model.num_references) if references is None else references
-    pose_all = analysis.points_box(idx)[:, list(topology.POSE_POS)]  # (T, 74, 2)
+    template = analysis.points_box(idx)  # (T, 131, 2) the template frames' detected landmarks
+    pose_all = template[:, list(topology.POSE_POS)]  # (T, 74, 2)
     mels_all = audio.windows[:T]  # (T, 80, 16)
     n_win = math.ceil(T / L)
     pad = n_win * L - T
@@ -425,7 +426,7 @@ def complete_landmarks(model: LoadedModel, analysis: FaceAnalysis, audio: AudioF
     out = out[:T]
     if model.config.model.anchor_mouth_x:
         lips, content = list(topology.LIP_POS), list(topology.CONTENT_POS)
-        dx = analysis.points_box(idx)[:, lips, 0].mean(1) - out[:, lips, 0].mean(1)  # (T,)
+        dx = template[:, lips, 0].mean(1) - out[:, lips, 0].mean(1)  # (T,)
         out[:, content, 0] += dx[:, None]
     return out
 

@@ -185,7 +185,7 @@ def test_landmark_map_path_is_zero_at_init_and_follows_the_landmarks_once_traine
     lm2[..., 0] += 1 / cfg.latent_size
     with torch.no_grad():
         lc = unet.prepare_landmarks(lm)
-        assert lc.points is not None
+        assert lc.map is not None and lc.map.shape == (2, 3, cfg.latent_size, cfg.latent_size)
         assert torch.equal(unet(z, t, lc, zr), unet(z, t, lm2, zr))  # zero-init: ignored at init
         _randomize_zeros(unet, app)
         assert (unet(z, t, lm, zr) - unet(z, t, lm2, zr)).abs().max() > 1e-4

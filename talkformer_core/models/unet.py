@@ -166,7 +166,7 @@ class LandmarkCache:
 
     per_block: list[Union[KV, Tensor]]
     batch: int
-    points: Tensor | None = None  # (N, 131, 2) crop frame: UNetConfig.landmark_map draws them per forward
+    map: Tensor | None = None  # (N, 3, h, w) UNetConfig.landmark_map, drawn once like the K/V
 
 
 @dataclass
@@ -274,8 +274,9 @@ class TalkFormerUNet(nn.Module):
             raise InputError(f"TalkFormerUNet landmarks: expected a tensor (N, {NUM_LANDMARKS}, 2) in the crop "
                              f"frame, got {got}")
         emb = self.landmark_embed(landmarks.to(self.conv_in.weight.dtype))  # (N, 131, D) or (N, D)
-        return LandmarkCache([b.m_align.kv(emb) for b in self.blocks], landmarks.shape[0],
-                             landmarks if self.landmark_map_in is not None else None)
+        s = self.cfg.latent_size
+        lmap = landmark_map(landmarks, s, s) if self.landmark_map_in is not None else None  # (N, 3, s, s)
+        return LandmarkCache([b.m_align.kv(emb) for b in self.blocks], landmarks.shape[0], lmap)
 
     def prepare_reference(self, reference: "Tensor | AppearanceFeatures | list[Tensor]") -> ReferenceCache:
         """The reference latent z_r (B_ref, C, h, w), or its appearance features -> ReferenceCache.
@@ -375,10 +376,10 @@ class TalkFormerUNet(nn.Module):
             x = F.conv2d(z_t, self.conv_in.weight[:, :C], self.conv_in.bias, padding=1)
             x = (x.unflatten(0, (ref.batch, N // ref.batch)) + ref.input_bias[:, None]).flatten(0, 1)
         if self.landmark_map_in is not None:
-            if lm.points is None:
-                raise InputError("TalkFormerUNet: this U-Net draws a landmark map; its LandmarkCache must come "
-                                 "from this U-Net's prepare_landmarks")
-            x = x + self.landmark_map_in(landmark_map(lm.points, h, w).to(x.dtype))  # (N, mc, h, w)
+            if lm.map is None or lm.map.shape[-2:] != (h, w):
+                raise InputError(f"TalkFormerUNet: this U-Net reads a {h}x{w} landmark map; its LandmarkCache must "
+                                 f"come from this U-Net's prepare_landmarks at the config's latent size")
+            x = x + self.landmark_map_in(lm.map.to(x.dtype))  # (N, mc, h, w)
         skips = [x]
         for level in self.encoder:
             for j, res in enumerate(level.res):
