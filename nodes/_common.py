@@ -44,9 +44,13 @@ def comfy_module(name: str) -> Any | None:
         return None
 
 
+PACK_CHECKPOINTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
+
+
 def register_model_folder() -> list[str]:
     """Register models/talkformer/ with folder_paths (keeping paths from extra_model_paths.yaml,
-    which ComfyUI reads before it imports custom nodes) and restrict it to .safetensors.
+    which ComfyUI reads before it imports custom nodes), create it, add the pack's own checkpoints/
+    (the demo model, listed with no copying) last, and restrict the folder to .safetensors.
     Returns the folder's paths; [] outside ComfyUI."""
     fp = comfy_module("folder_paths")
     if fp is None:
@@ -55,6 +59,12 @@ def register_model_folder() -> list[str]:
     paths = list(fp.folder_names_and_paths.get(MODEL_FOLDER, ([], set()))[0])
     if default not in paths:
         paths.append(default)  # after user-configured paths; is_default ones were put first already
+    try:
+        os.makedirs(default, exist_ok=True)  # so users see where their models go
+    except OSError:  # a read-only install still lists the other folders
+        pass
+    if os.path.isdir(PACK_CHECKPOINTS) and PACK_CHECKPOINTS not in paths:
+        paths.append(PACK_CHECKPOINTS)  # last: the first path stays where trained models are saved
     fp.folder_names_and_paths[MODEL_FOLDER] = (paths, set(MODEL_EXTENSIONS))
     return paths
 

@@ -1,17 +1,20 @@
-"""Train TalkFormer on Video: a person-specific model from the user's own clip (issue 11 item 2).
+"""Train TalkFormer on Video: a person-specific model from the user's own clip.
 
 A thin adapter over ``talkformer_core.finetune.finetune`` (preprocess -> autoencoder stage unless a
 VAE is connected -> TalkFormer stage; the training loop is ``talkformer_core.train``'s). The file
-is saved as ``models/talkformer/<name>.safetensors``; the node returns it loaded, as Load
-TalkFormer Model would. Work files (shards, run folders) go to ComfyUI's output folder under
-``talkformer_train/<name>/`` (not into models/talkformer/, whose loader lists every
-.safetensors in subfolders). Progress: ComfyUI's bar runs over the time budget, with a preview
-grid (held-out truth / ours / copy-reference) at every evaluation. Cancel stops after a
-checkpoint is written; queue again with ``resume`` on to continue from there.
+is saved as ``models/talkformer/<name>.safetensors`` with a training key (``talkformer_core.
+training_key``): asked again for the same clip and settings, the node loads that file at once
+instead of training, so "train, then lip-sync with new audio" costs one training. Work files
+(shards, run folders) go to ComfyUI's output folder under ``talkformer_train/<name>/``. Progress:
+ComfyUI's bar runs over the time budget (or the step cap), with a preview grid (held-out truth /
+ours / copy-reference) at every evaluation. Cancel stops after a checkpoint is written; queue again
+with ``resume`` on to continue from there. A run that fails before its first checkpoint leaves no
+work files.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -128,6 +131,10 @@ class TrainTalkFormerOnVideo:
                                   "tooltip": "Frame rate of the IMAGE frames (resampled to 25 fps)."}),
                 "vae": ("VAE", {"tooltip": "Your Stable Diffusion VAE (Load VAE): no autoencoder training; the "
                                            "model then needs this VAE when loaded (checked by hash)."}),
+                "max_steps": ("INT", {
+                    "default": 0, "min": 0, "max": 10 ** 7,
+                    "tooltip": "Cap on the optimiser steps of each stage (0 = the time budget alone). With a cap "
+                               "the model no longer depends on the machine's speed."}),
                 "iplap_checkpoint": ([NONE] + model_file_list(), {
                     "default": NONE,
                     "tooltip": "IP-LAP weights converted by python -m talkformer_core.convert (in "
@@ -137,51 +144,93 @@ class TrainTalkFormerOnVideo:
 
     def train(self, name: str, budget_minutes: float = 30.0, preset: str = "cpu64", resume: bool = True,
               holdout: float = 0.0, video: Any = None, images: Any = None, audio: Any = None, fps: float = 25.0,
-              vae: Any = None, iplap_checkpoint: str = NONE):
+              vae: Any = None, iplap_checkpoint: str = NONE, max_steps: int = 0):
         from contextlib import ExitStack
 
         from talkformer_core.errors import InputError
-        from talkformer_core.finetune import _state_path, finetune, work_dir_for
+        from talkformer_core.finetune import finetune, work_dir_for
+        from talkformer_core.models.checkpoint import copy_with_metadata, state_dict_sha256
+        from talkformer_core.training_key import (KEY_FIELD, RUN_FIELD, arrays_sha256, file_sha256, stored_key,
+                                                  training_keys)
 
         from ._common import resolve_model_file
-        from .model_nodes import LoadTalkFormerModel
-        from .video_node import video_source
+        from .model_nodes import _vae_state_dict
+        from .video_node import audio_input, video_source
 
         stem = _check_name(name)
         if video is None and images is None:
             raise InputError("connect a VIDEO, or IMAGE frames with their AUDIO")
         out = models_directory() / f"{stem}.safetensors"
-        out.parent.mkdir(parents=True, exist_ok=True)
         work_parent = work_directory(stem)
         work = work_dir_for(work_parent / "run.safetensors")
         init = None if iplap_checkpoint in (None, "", NONE) else resolve_model_file(iplap_checkpoint)
-        bar = Progress(1000)
-        t0 = time.time()
-
-        def progress(stage: str, step: int, total: int, info: dict[str, Any]) -> None:
-            frac = min((time.time() - t0) / (60.0 * float(budget_minutes)), 0.999)
-            bar.update(int(1000 * frac), info.get("preview"))  # also raises on Cancel
-
+        max_steps = int(max_steps or 0)
         with ExitStack() as stack:
             if video is not None:
                 src = stack.enter_context(video_source(video))
-            elif images is not None:
-                src = frames_to_video(images, audio, fps, work_parent / "input.mp4")
+                clip_sha = file_sha256(src)
             else:
-                raise InputError("connect a VIDEO, or IMAGE frames with their AUDIO")
-            vae_path = _vae_file(vae, work_parent) if vae is not None else None
-            res = finetune(src, work_parent / "run.safetensors", budget_minutes=float(budget_minutes),
-                           vae=vae_path, init_landmarks=init, holdout=float(holdout), preset=preset,
-                           resume=bool(resume) and _state_path(work).exists(), progress=progress, tqdm_bar=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        import shutil
+                if audio is None:
+                    frames_to_video(images, None, fps, work_parent / "input.mp4")  # raises the AUDIO error
+                wav, rate = audio_input(audio)
+                clip_sha, src = arrays_sha256(images, wav, [rate, float(fps)]), None
+            settings = {"preset": preset, "budget_minutes": float(budget_minutes), "holdout": float(holdout),
+                        "max_steps": max_steps, "seed": 0,
+                        "vae": None if vae is None else state_dict_sha256(_vae_state_dict(vae)),
+                        "init_landmarks": None if init is None else file_sha256(init)}
+            key, run_key = training_keys(clip_sha, settings)
+            if stored_key(out) == key:  # this clip, these settings: the model exists already
+                print(f"[TalkFormer] {out} was trained on this clip with these settings: using it (no training)")
+                return self._loaded(out, vae)
 
-        shutil.copyfile(res.checkpoint, tmp)
-        os.replace(tmp, out)
+            run_file = work_parent / "run_key.txt"
+            can_resume = (bool(resume) and (work / "finetune.json").exists() and run_file.is_file()
+                          and run_file.read_text().strip() == run_key)
+            if not can_resume and work_parent.exists():
+                shutil.rmtree(work_parent)  # another clip or other settings: start over
+            work_parent.mkdir(parents=True, exist_ok=True)
+            run_file.write_text(run_key)
+            try:
+                if src is None:
+                    src = frames_to_video(images, audio, fps, work_parent / "input.mp4")
+                vae_path = _vae_file(vae, work_parent) if vae is not None else None
+                bar, t0 = Progress(1000), time.time()
+
+                def progress(stage: str, step: int, total: int, info: dict[str, Any]) -> None:
+                    frac = (time.time() - t0) / (60.0 * float(budget_minutes))
+                    if max_steps:  # the step cap may end training before the budget does
+                        frac = max(frac, (step + (max_steps if stage == "talkformer" else 0)) / (2.0 * max_steps))
+                    bar.update(int(1000 * min(frac, 0.999)), info.get("preview"))  # also raises on Cancel
+
+                res = finetune(src, work_parent / "run.safetensors", budget_minutes=float(budget_minutes),
+                               vae=vae_path, init_landmarks=init, holdout=float(holdout), preset=preset,
+                               steps=max_steps or None, resume=can_resume, progress=progress, tqdm_bar=True)
+            except BaseException as e:
+                # Cancel keeps what a later run resumes; any other failure before the first
+                # checkpoint leaves nothing behind
+                if not _is_interrupt(e) and not _resumable(work):
+                    shutil.rmtree(work_parent, ignore_errors=True)
+                raise
+        copy_with_metadata(res.checkpoint, out, {KEY_FIELD: key, RUN_FIELD: run_key, "purpose": f"person:{stem}"})
         bar.update(1000)
+        return self._loaded(out, vae)
+
+    @staticmethod
+    def _loaded(out: Path, vae: Any):
+        from .model_nodes import LoadTalkFormerModel
+
         ckpt = out.name if comfy_module("folder_paths") is not None else str(out)
         (model,) = LoadTalkFormerModel().load(ckpt, "auto", vae)
         return (model, str(out))
+
+
+def _is_interrupt(e: BaseException) -> bool:
+    return isinstance(e, KeyboardInterrupt) or type(e).__name__ == "InterruptProcessingException"
+
+
+def _resumable(work: Path) -> bool:
+    """A training state was written: a later run with resume on continues from it."""
+    return any((work / stage / "last.state.safetensors").exists() for stage in ("ae", "talkformer"))
 
 
 NODE_CLASS_MAPPINGS = {"TalkFormerTrainOnVideo": TrainTalkFormerOnVideo}

@@ -238,6 +238,17 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return _check_metadata(read_safetensors_header(p).get("__metadata__"), p)
 
 
+def copy_with_metadata(src: str | os.PathLike, dst: str | os.PathLike, extra: Mapping[str, str]) -> Path:
+    """Copy a TalkFormer checkpoint to ``dst`` (atomically) with ``extra`` metadata added or replaced;
+    the tensors are unchanged. The format keys (format, kind, config, autoencoder) cannot be replaced."""
+    meta = dict(read_metadata(src))
+    for k, v in extra.items():
+        if k in ("format", "format_version", "kind", "config", "autoencoder"):
+            raise ValueError(f"copy_with_metadata may not replace {k!r}")
+        meta[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+    return _write_atomically(load_safetensors(src), Path(dst), meta)
+
+
 def checkpoint_kind(path: str | os.PathLike) -> str:
     """'talkformer' or 'iplap'."""
     return read_metadata(path)["kind"]

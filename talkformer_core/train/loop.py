@@ -519,6 +519,10 @@ def _to(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+# Training works for any caller: hosts such as ComfyUI run every node under torch.inference_mode(),
+# where no tensor records a graph and backward() fails.
+@torch.inference_mode(False)
+@torch.enable_grad()
 def train(cfg: TalkFormerConfig | str, *, stage: str, data: str | Path, out: str | Path, steps: int,
           batch_size: int | None = None, lr: float | None = None, grad_accum: int = 1,
           autoencoder: str | Path | None = None, vae: str | Path | None = None,
