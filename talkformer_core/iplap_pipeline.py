@@ -37,7 +37,9 @@ Where we differ from IP-LAP's script (by choice; the networks see IP-LAP's input
 from __future__ import annotations
 
 import math
+import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -229,6 +231,30 @@ def render(model: Any, faces: np.ndarray, sketches: np.ndarray, references: IPLA
 # ---------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def interrupt_points(module: nn.Module, callback: Callable[[], None] | None, every_s: float = 0.25):
+    """While the block runs, ``callback()`` is called before a submodule's forward whenever
+    ``every_s`` seconds have passed since the last call: raising from it stops the forward pass
+    mid-way (the host's Cancel) instead of after a whole batch."""
+    if callback is None:
+        yield
+        return
+    last = [time.monotonic()]
+
+    def hook(_m: nn.Module, _args: Any) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s:
+            last[0] = now
+            callback()
+
+    handles = [m.register_forward_pre_hook(hook) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def face_contour_mask(points_px: np.ndarray, box: Sequence[int], blur: int | None = None) -> np.ndarray:
     """(h, w) float32 alpha in [0, 1] over the landmark box: the filled convex hull of ``points_px``
     (K, 2) frame pixels, Gaussian-blurred with a (2 blur + 1)^2 kernel and sigma blur + 1 (default
@@ -294,7 +320,9 @@ class IPLAPFrameRenderer:
         self.landmark_refs = reference_landmark_sets(analysis, int(n_lm))  # (Nl, 131, 2)
         n_img = getattr(options, "iplap_references", None) or DEFAULT_RENDER_REFERENCES
         self.references = build_references(analysis, read_frame, int(n_img))
-        self.batch = max(1, int(getattr(options, "batch_size", 1) or 1))
+        # one frame at a time on a CPU: the progress bar then moves every frame (a batch of 8 with 25
+        # references is minutes of silence), at the same seconds per frame
+        self.batch = 1 if model.device.type == "cpu" else max(1, int(getattr(options, "batch_size", 1) or 1))
         self.blur = getattr(options, "feather", None)
         face_contour_mask(np.zeros((0, 2)), (0, 0, 1, 1), self.blur)  # checks the feather now
 
@@ -311,6 +339,10 @@ class IPLAPFrameRenderer:
         sel = np.flatnonzero(np.asarray(found, dtype=bool))
         preview = None
         n_batches = math.ceil(len(sel) / self.batch)
+        # a frame costs seconds on a CPU (one flow pass per reference): the callback also runs
+        # between the renderer's layers, so a stop request is honoured within a fraction of a second
+        within = (lambda: step_callback(bi, n_batches)) if step_callback is not None else None  # noqa: E731
+        bi = 0
         for bi, b0 in enumerate(range(0, len(sel), self.batch)):
             bsel = sel[b0:b0 + self.batch]
             positions = k0 + bsel
@@ -320,7 +352,8 @@ class IPLAPFrameRenderer:
                                  for j in range(len(bsel))])
             faces = np.stack([iplap.crop_face(frames[i], boxes[i]) for i in bsel])
             mels = self.windows[[mel_index(t, len(self.windows)) for t in positions]]
-            gen = render(self.model, faces, sketches, self.references, mels)  # (B, 3, 128, 128) BGR
+            with interrupt_points(self.model.model.renderer, within):
+                gen = render(self.model, faces, sketches, self.references, mels)  # (B, 3, 128, 128) BGR
             for j, i in enumerate(bsel):
                 face = iplap.face_to_rgb_uint8(gen[j])
                 box = boxes[i]

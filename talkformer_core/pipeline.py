@@ -814,7 +814,11 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
                 frames = frames[:1] * (k1 - k0)
             found = found_out[k0:k1]
             if frame_renderer is not None:
-                out_frames, preview, mark_boxes = render_frames(frames, k0, k1, found, step_cb)
+                def frame_cb(i: int, n: int, k0: int = k0, k1: int = k1) -> None:  # batch i of n done: per-frame progress
+                    if callback is not None:
+                        callback(done + (k1 - k0) * i // max(n, 1), T, None)
+
+                out_frames, preview, mark_boxes = render_frames(frames, k0, k1, found, frame_cb)
             else:
                 boxes = analysis.boxes[t_idx]
                 sel = np.flatnonzero(found)

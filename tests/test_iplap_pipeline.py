@@ -245,7 +245,9 @@ def test_frame_renderer_changes_only_the_face_and_reports_progress(model, analys
     calls = []
     found = np.array([True, False, True])
     out, preview, marks = r([frames[i] for i in (3, 4, 5)], 3, 6, found, lambda i, n: calls.append((i, n)))
-    assert calls == [(1, 2), (2, 2)]  # one call per batch: progress and the interrupt point
+    # after each batch (one frame at a time on a CPU), and between the renderer's layers with the
+    # batches done so far: progress and the interrupt point
+    assert (1, 2) in calls and calls[-1] == (2, 2) and calls == sorted(calls)
     assert preview.shape == (128, 128, 3) and preview.dtype == np.uint8
     np.testing.assert_array_equal(out[1], frames[4])  # found False: passes through
     for i, t in ((0, 3), (2, 5)):
@@ -311,6 +313,38 @@ def test_sync_cli_runs_the_iplap_path(ckpt, clip, tmp_path):
     assert sync.main(args + ["--iplap-references", "1", "--batch-size", "4"]) == 0
     info = probe_video(out)
     assert info.num_frames == 4 and info.has_audio
+
+
+def test_interrupt_points_stop_a_forward_pass_midway(model):
+    """Cancel inside one renderer call: the callback runs between layers and its exception ends the
+    forward pass there (a CPU frame with 25 references takes tens of seconds)."""
+    renderer = model.model.renderer
+    n_modules = sum(1 for _ in renderer.modules())
+    calls = []
+
+    def cb():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    x = torch.zeros(1, 3, 8, 8)
+    conv = next(m for m in renderer.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels == 3)
+    with pytest.raises(KeyboardInterrupt):
+        with ip.interrupt_points(renderer, cb, every_s=0.0):
+            for _ in range(5):  # every submodule's forward is a point; the third call stops it
+                conv(x)
+    assert len(calls) == 3 and n_modules > 3
+    conv(x)  # hooks are gone after the block
+    assert len(calls) == 3
+
+
+def test_lipsync_reports_every_frame_on_cpu(model, clip, tmp_path):
+    c, path = clip
+    seen = []
+    pipeline.lipsync(path, _audio(c, 5), model, tmp_path / "p.mp4",
+                     pipeline.SyncOptions(iplap_references=1, batch_size=8, watermark=False),
+                     callback=lambda d, n, p: seen.append(d))
+    assert {1, 2, 3, 4, 5} <= set(seen) and seen == sorted(seen)
 
 
 def test_interrupt_leaves_no_file(model, clip, tmp_path):
