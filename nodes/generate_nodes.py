@@ -1,7 +1,6 @@
 """Complete Landmarks, Encode Reference and TalkFormer Sampler: the model's two stages as nodes."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from ._common import (
@@ -16,9 +15,6 @@ from ._common import (
     image_to_uint8,
     uint8_to_image,
 )
-
-
-BATCH_FRAMES = 8  # frames denoised together (and the progress preview's granularity)
 
 
 def _sampler_names() -> list[str]:
@@ -190,8 +186,8 @@ class TalkFormerSampler:
                steps: int = 25, sampler: str = "ddim", seed: int = 0, eta: float = 0.0):
         import numpy as np
 
-        from talkformer_core import pipeline
         from talkformer_core.face.track import crop_frame
+        from talkformer_core.sampling import FaceSampler, auto_batch_size
 
         analysis = face_track
         track = analysis.track
@@ -202,27 +198,18 @@ class TalkFormerSampler:
         loaded = model.load()
         size = loaded.crop_size
         crops = np.stack([crop_frame(frames[t], track.boxes[t], size) for t in range(len(frames))])
-        T, steps = len(crops), int(steps)
-        noise = pipeline.initial_noise(loaded, seed)  # one x_T for every frame: no flicker
-        # Batches of frames, so the progress bar can show the latest generated face. With temporal
-        # attention the pipeline carries motion frames between its clips, so it gets all frames at once.
-        temporal = bool(loaded.config.model.temporal_attention)
-        batch = T if temporal else BATCH_FRAMES
-        n_batches = math.ceil(T / batch)
-        bar = Progress(n_batches * steps)
-        out = []
-        for b, b0 in enumerate(range(0, T, batch)):
-            latest = out[-1][-1] if out else None
+        # the core's one batch loop (batch from free device memory; Temp-Att: parallel chains)
+        latest: list = [None]  # the last decoded face: the progress preview
 
-            def callback(i: int, n: int, b: int = b, latest=latest) -> None:
-                bar.update(b * steps + min(i + 1, steps), latest if i == 0 else None)  # interrupt point
+        def step(i: int, n: int) -> None:
+            done[0] += 1
+            bar.update(done[0], latest[0] if i == 0 else None)  # interrupt point
 
-            sl = slice(b0, b0 + batch)
-            out.append(pipeline.sample_faces(loaded, crops[sl], lms[sl], reference, steps=steps, sampler=sampler,
-                                             seed=int(seed), eta=float(eta), callback=callback, noise=noise,
-                                             batch_size=loaded.sequence_length * 2 if temporal else None))
-        faces = np.concatenate(out)
-        bar.update(n_batches * steps, faces[-1])
+        fs = FaceSampler(loaded, reference, steps=int(steps), sampler=sampler, seed=int(seed), eta=float(eta),
+                         batch_size=auto_batch_size(loaded), step_callback=step)
+        done, bar = [0], Progress(max(1, fs.num_runs(len(crops)) * int(steps)))
+        faces = fs(crops, lms, on_faces=lambda b0, f: latest.__setitem__(0, f[-1]))
+        bar.update(bar.total, faces[-1])
         return (uint8_to_image(faces),)
 
 

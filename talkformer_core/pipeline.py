@@ -51,6 +51,8 @@ import torch
 from .config import TalkFormerConfig
 from .errors import AudioError, CheckpointError, FaceError, InputError, TalkFormerError, VideoError
 from .face import topology
+from .sampling import FaceSampler, crops_to_tensor, initial_noise, sample_latents, tensor_to_crops
+from .sampling import sample_latents as _sample_latents_talkformer  # noqa: F401  (the name tests and tools use)
 
 FPS = 25.0  # the model's frame rate (IP-LAP / paper: video resampled to 25 fps)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
@@ -443,18 +445,6 @@ def landmarks_to_crop(analysis: FaceAnalysis, landmarks_box: np.ndarray,
 # ----------------------------------------------------------------------------------------------
 # stage 2: diffusion inpainting of the lower face
 
-def crops_to_tensor(crops: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
-    x = torch.as_tensor(np.ascontiguousarray(crops), device=device)
-    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def tensor_to_crops(x: torch.Tensor) -> np.ndarray:
-    """float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
-    y = ((x.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return y.permute(0, 2, 3, 1).cpu().numpy()
-
-
 @torch.no_grad()
 def encode_reference(model: LoadedModel, crop: np.ndarray) -> Any:
     """The reference face crop (S, S, 3) uint8 (whole face, unmasked) -> the U-Net's ReferenceCache:
@@ -467,79 +457,9 @@ def encode_reference(model: LoadedModel, crop: np.ndarray) -> Any:
         return model.model.prepare_reference(z_r)
 
 
-def initial_noise(model: LoadedModel, seed: int) -> torch.Tensor:
-    """The clip's fixed x_T (1, C, h, w), drawn on the CPU from ``seed`` (the same on every device)."""
-    m = model.config.model
-    g = torch.Generator().manual_seed(int(seed))
-    return torch.randn((1, m.latent_channels, m.latent_size, m.latent_size), generator=g)
-
-
-@torch.no_grad()
-def _sample_latents_talkformer(model: LoadedModel, crops: np.ndarray, landmarks_crop: np.ndarray, reference: Any,
-                               steps: int, sampler: str, noise: torch.Tensor, eta: float,
-                               step_callback: Callable[[int, int], None] | None,
-                               generator: torch.Generator | None, motion: torch.Tensor | None
-                               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """-> (x0 latents (B, C, h, w) fp32, the motion latents for the next call or None).
-
-    The returned latents are what ``_decode`` decodes: the generated lower half under the upper half
-    of E(crop), the template crop itself. The sampler's fixed upper half is E(masked crop)[:h/2]
-    (DESIGN.md §1), but that is no latent the decoder ever saw with a face below it: its rows near
-    the middle carry the black mask, and the decoder's receptive field spreads it into the mouth
-    (measured on real clips: decoding E(masked)[:h/2] over E(crop)[h/2:] loses 3.0 dB lower-face
-    PSNR and 1.2 px LMD against decoding E(crop); docs/finetune.md). E(crop)[:h/2] over a perfect
-    lower half is exactly E(crop), the autoencoder's own reconstruction.
-    """
-    from .diffusion import get_sampler
-
-    tf = model.model
-    fn = get_sampler(sampler)
-    B = crops.shape[0]
-    dev = model.device
-    cb = None if step_callback is None else (lambda i, n, x, x0: step_callback(i, n))
-    L = model.sequence_length if model.config.model.temporal_attention else None
-    with model.autocast():
-        x_crops = crops_to_tensor(crops, dev)
-        known = tf.encode_masked(x_crops).float()  # (B, C, h, w)
-        upper = tf.encode(x_crops).float()  # (B, C, h, w): the decoder's upper half, see above
-        h, w = known.shape[2:]
-        mask = tf.known_mask(h, w, device=dev).bool()  # (1, 1, h, w) upper half
-        lms = torch.as_tensor(landmarks_crop, dtype=torch.float32, device=dev)
-        x_T = noise.to(dev, torch.float32).expand(B, -1, -1, -1).contiguous()
-        if L is None:
-            lc = tf.prepare_landmarks(lms)  # step-invariant M-Align K/V, once per frame
-
-            def model_fn(x, t):
-                with model.autocast():
-                    return tf.unet(x, t, lc, reference).float()
-
-            out = fn(model_fn, x_T, model.schedule, steps, known=known, known_mask=mask, eta=eta,
-                     callback=cb, generator=generator)
-            return torch.where(mask, upper, out), None
-        # + TempAttn: clips of L frames (the last padded by repeating), 2 motion frames carried over
-        M = model.config.model.unet.num_motion_frames
-        outs = []
-        for c0 in range(0, B, L):
-            sel = list(range(c0, min(B, c0 + L)))
-            sel += [sel[-1]] * (L - len(sel))
-            lc = tf.prepare_landmarks(lms[sel])
-            mc = None if motion is None else tf.prepare_motion(motion[None].to(dev))
-
-            def model_fn(x, t, lc=lc, mc=mc):
-                with model.autocast():
-                    return tf.unet(x, t, lc, reference, motion=mc, num_frames=L).float()
-
-            x0 = fn(model_fn, x_T[sel], model.schedule, steps, known=known[sel], known_mask=mask, eta=eta,
-                    callback=cb, generator=generator)
-            n_real = min(B, c0 + L) - c0
-            outs.append(torch.where(mask, upper[c0:c0 + n_real], x0[:n_real]))
-            motion = x0[n_real - M:n_real] if n_real >= M else torch.cat([x0[:1]] * (M - n_real) + [x0[:n_real]])
-        return torch.cat(outs), motion
-
-
 # kind -> (crops, landmarks, reference, ...) -> latents. The IP-LAP renderer plugs in here.
 _RENDERERS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor | None]]] = {
-    "talkformer": _sample_latents_talkformer,
+    "talkformer": sample_latents,
     "iplap": lambda model, *a, **k: model.model.encode(),  # IPLAPModel: a clear "no diffusion stage" error
 }
 
@@ -556,17 +476,17 @@ def _iplap_frame_renderer() -> Any:
 _FRAME_RENDERERS: dict[str, Callable[[], Any]] = {"iplap": _iplap_frame_renderer}
 
 
-@torch.no_grad()
 def _decode(model: LoadedModel, z: torch.Tensor) -> np.ndarray:
-    with model.autocast():
-        return tensor_to_crops(model.model.decode(z))
+    from .sampling import decode_latents
+
+    return decode_latents(model, z)
 
 
 @torch.no_grad()
 def sample_faces(model: LoadedModel, crops: np.ndarray, landmarks_crop: np.ndarray, reference: Any,
                  steps: int = 25, sampler: str = "ddim", seed: int = 0, eta: float = 0.0,
                  callback: Callable[[int, int], None] | None = None, noise: torch.Tensor | None = None,
-                 batch_size: int | None = None, motion: torch.Tensor | None = None) -> np.ndarray:
+                 batch_size: int | None = None, motion: torch.Tensor | None = None, **chains: Any) -> np.ndarray:
     """Generate the lower face of each crop. crops (B, S, S, 3) uint8 (the template's face crops),
     landmarks_crop (B, 131, 2) target landmarks in the crop frame, reference: ``encode_reference``'s
     cache -> (B, S, S, 3) uint8 generated crops (upper half: the autoencoder's reconstruction).
@@ -574,26 +494,14 @@ def sample_faces(model: LoadedModel, crops: np.ndarray, landmarks_crop: np.ndarr
     The upper latent half is E(masked crop)[:h/2], fixed by the sampler at every step (DESIGN.md §1).
     ``noise`` (1, C, h, w): the shared x_T (default: drawn from ``seed``; every frame gets the same,
     so identical inputs give identical faces). ``callback(step, num_steps)`` runs after every
-    sampler step; raise from it to stop. ``batch_size`` splits B (default: all at once).
+    sampler step; raise from it to stop. ``batch_size`` splits B (default: all at once). With
+    temporal attention: ``motion`` the first clip's motion frames, ``chains`` (segment, overlap,
+    crossfade) the parallel chains (sampling.FaceSampler, the one batch loop this calls).
     """
-    crops = np.asarray(crops)
-    if crops.ndim != 4 or crops.shape[1:] != (model.crop_size, model.crop_size, 3) or crops.dtype != np.uint8:
-        raise InputError(f"sample_faces: crops must be uint8 (B, {model.crop_size}, {model.crop_size}, 3), "
-                         f"got {crops.dtype} {crops.shape}")
-    if landmarks_crop.shape != (crops.shape[0], 131, 2):
-        raise InputError(f"sample_faces: landmarks must be ({crops.shape[0]}, 131, 2), got {landmarks_crop.shape}")
-    if int(steps) < 1:
-        raise InputError(f"steps {steps}: expected >= 1")
-    x_T = initial_noise(model, seed) if noise is None else noise
-    gen = torch.Generator(device=model.device).manual_seed(int(seed)) if eta > 0 else None
-    render = _RENDERERS[model.kind]
-    bs = batch_size or crops.shape[0]
-    out = []
-    for b0 in range(0, crops.shape[0], bs):
-        z, motion = render(model, crops[b0:b0 + bs], landmarks_crop[b0:b0 + bs], reference, int(steps), sampler,
-                           x_T, float(eta), callback, gen, motion)
-        out.append(_decode(model, z))
-    return np.concatenate(out)
+    fs = FaceSampler(model, reference, steps=steps, sampler=sampler, seed=seed, eta=eta, noise=noise,
+                     batch_size=batch_size, step_callback=callback, **chains)
+    fs.motion = motion
+    return fs(crops, landmarks_crop)
 
 
 def blend_faces(frames: Sequence[np.ndarray], crops: np.ndarray, boxes: np.ndarray, found: np.ndarray,
@@ -628,7 +536,7 @@ class SyncOptions:
     face_index: int | None = None  # None = largest face
     length_mode: str = "pingpong"  # pingpong | loop | trim
     feather: int | None = None  # crop pixels; None = face.blend.default_feather
-    batch_size: int = 8  # frames denoised together
+    batch_size: int | None = None  # frames denoised together; None = sampling.auto_batch_size (8 on the CPU)
     chunk_size: int = 32  # frames held in memory at once in pass 2
     watermark: bool = True  # invisible rivaGan mark in the face box (provenance.py)
     crf: int = 18
@@ -732,7 +640,7 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
     get_sampler(opt.sampler)
     if int(opt.steps) < 1:
         raise InputError(f"steps {opt.steps}: expected >= 1")
-    if opt.batch_size < 1 or opt.chunk_size < 1:
+    if (opt.batch_size is not None and opt.batch_size < 1) or opt.chunk_size < 1:
         raise InputError(f"batch_size and chunk_size must be >= 1, got {opt.batch_size}, {opt.chunk_size}")
     if out_path.suffix.lower() not in ("", ".mp4", ".m4v", ".mov", ".mkv"):
         raise InputError(f"{out_path}: expected an .mp4 output path")
@@ -786,9 +694,11 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
         ref_frame = image if image is not None else _read_template(video, None, ref_idx, 1)[0]
         reference = encode_reference(model, crop_frame(ref_frame, analysis.boxes[ref_idx], S))
         del ref_frame
-        noise = initial_noise(model, opt.seed)
-        gen = torch.Generator(device=model.device).manual_seed(int(opt.seed)) if opt.eta > 0 else None
-        render = _RENDERERS[model.kind]
+        from .sampling import auto_batch_size
+
+        bs = opt.batch_size or auto_batch_size(model)
+        face_sampler = FaceSampler(model, reference, steps=int(opt.steps), sampler=opt.sampler, seed=opt.seed,
+                                   eta=float(opt.eta), batch_size=bs, step_callback=lambda i, n: step_cb(i, n))
     else:  # whole-frame renderer (IP-LAP): reads its reference frames once, here
         render_frames = frame_renderer(model, analysis, aud, plan,
                                        lambda t: _read_template(video, image, int(t), 1)[0], opt)
@@ -800,7 +710,6 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
             callback(done, T, None)
 
     # ---- pass 2: chunks of monotone runs; crop, sample, decode, blend, mark, write
-    motion = None
     metadata = {"comment": GENERATOR_TAG}
     with VideoWriter(out_path, FPS, audio=aud.waveform, audio_rate=aud.sample_rate, crf=opt.crf,
                      metadata=metadata) as writer:
@@ -823,12 +732,9 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
                 boxes = analysis.boxes[t_idx]
                 sel = np.flatnonzero(found)
                 gen_crops = np.zeros((k1 - k0, S, S, 3), np.uint8)
-                for b0 in range(0, len(sel), opt.batch_size):
-                    bsel = sel[b0:b0 + opt.batch_size]
-                    crops = np.stack([crop_frame(frames[i], boxes[i], S) for i in bsel])
-                    z, motion = render(model, crops, lm_crop[k0 + bsel], reference, int(opt.steps), opt.sampler,
-                                       noise, float(opt.eta), step_cb, gen, motion)
-                    gen_crops[bsel] = _decode(model, z)
+                if len(sel):  # the chunk's faces in one call: batches (and Temp-Att chains) inside
+                    crops = np.stack([crop_frame(frames[i], boxes[i], S) for i in sel])
+                    gen_crops[sel] = face_sampler(crops, lm_crop[k0 + sel])
                 out_frames = blend_faces(frames, gen_crops, boxes, found, opt.feather)
                 mark_boxes, preview = boxes, (gen_crops[sel[-1]] if len(sel) else None)
             del frames

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--length-mode", default="pingpong", choices=LENGTH_MODES,
                     help="audio longer than the video: pingpong / loop the video; trim: the shorter wins")
     ap.add_argument("--feather", type=int, default=None, help="blend feather in crop pixels")
-    ap.add_argument("--batch-size", type=int, default=8, help="frames denoised together")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="frames denoised together (default: from free device memory; 8 on the CPU)")
     ap.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps")
     ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                     help="compute dtype (auto: fp32 on CPU, bf16/fp16 on GPU)")
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 return _error(f"{path}: file not found (given as {flag})")
         if a.steps < 1:
             return _error(f"--steps {a.steps}: expected >= 1")
-        if a.batch_size < 1:
+        if a.batch_size is not None and a.batch_size < 1:
             return _error(f"--batch-size {a.batch_size}: expected >= 1")
         if a.iplap_references < 1:
             return _error(f"--iplap-references {a.iplap_references}: expected >= 1")

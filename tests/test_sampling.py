@@ -1,0 +1,243 @@
+"""Stage 2's one batch loop (talkformer_core.sampling): bit-equality with the serial chain, parallel
+Temp-Att chains and their seams, streaming state, run counts, batch size from free memory."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from talkformer_core import pipeline as P
+from talkformer_core import sampling as S
+from talkformer_core.config import tiny
+from talkformer_core.diffusion import NoiseSchedule, get_sampler
+from talkformer_core.models.model import TalkFormer
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def loaded(temporal: bool, seed: int = 0) -> P.LoadedModel:
+    """A tiny random model; with Temp-Att its zero-initialised output projections get random weights
+    so motion frames change the output (at init Temp-Att is the identity)."""
+    torch.manual_seed(seed)
+    cfg = tiny()
+    cfg.model.temporal_attention = temporal
+    m = TalkFormer(cfg).eval().requires_grad_(False)
+    if temporal:
+        g = torch.Generator().manual_seed(5)
+        for b in m.unet.blocks:
+            w = b.temporal.proj_out.weight
+            w.copy_(torch.randn(w.shape, generator=g) * 0.2)
+    return P.LoadedModel("talkformer", cfg, m, NoiseSchedule(cfg.model.diffusion), torch.device("cpu"), torch.float32)
+
+
+def inputs(T: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    crops = rng.integers(0, 256, (T, 32, 32, 3), dtype=np.uint8)
+    lms = rng.uniform(0.2, 0.8, (T, 131, 2)).astype(np.float32)
+    return crops, lms
+
+
+def serial_chain(model: P.LoadedModel, crops, lms, ref, steps: int, motion=None, sampler: str = "ddim"):
+    """The serial Temp-Att chain written out independently of sampling.py (the loop this project ran
+    before parallel chains): clips of L, the last padded by repeating, M motion frames carried.
+    -> (latents (T, C, h, w), motion)."""
+    tf, L, M = model.model, model.sequence_length, model.config.model.unet.num_motion_frames
+    x = P.crops_to_tensor(crops, model.device)
+    known, upper = tf.encode_masked(x).float(), tf.encode(x).float()
+    mask = tf.known_mask(*known.shape[2:]).bool()
+    lm = torch.as_tensor(lms)
+    x_T = P.initial_noise(model, 0).expand(len(crops), -1, -1, -1).contiguous()
+    outs = []
+    for c0 in range(0, len(crops), L):
+        sel = list(range(c0, min(len(crops), c0 + L)))
+        n = len(sel)
+        sel += [sel[-1]] * (L - n)
+        lc = tf.prepare_landmarks(lm[sel])
+        mc = None if motion is None else tf.prepare_motion(motion[None])
+        x0 = get_sampler(sampler)(lambda z, t: tf.unet(z, t, lc, ref, motion=mc, num_frames=L), x_T[sel],
+                                  model.schedule, steps, known=known[sel], known_mask=mask)
+        outs.append(torch.where(mask, upper[c0:c0 + n], x0[:n]))
+        motion = x0[n - M:n] if n >= M else torch.cat([x0[:1]] * (M - n) + [x0[:n]])
+    return torch.cat(outs), motion
+
+
+@pytest.fixture(scope="module")
+def temporal():
+    m = loaded(True)
+    crops, lms = inputs(23)
+    return m, crops, lms, P.encode_reference(m, crops[0])
+
+
+def test_non_temporal_outputs_match_the_recorded_loop():
+    """Bit-equality with the stage-2 loop this module replaced, for hashes recorded with it on this
+    machine's torch build and CPU kernels (elsewhere CPU kernels round differently: skipped)."""
+    import hashlib
+
+    rec = json.loads((FIXTURES / "stage2_hashes.json").read_text())
+    if rec["torch"] != torch.__version__ or rec["cpu_capability"] != torch.backends.cpu.get_cpu_capability():
+        pytest.skip(f"hashes recorded with torch {rec['torch']} / {rec['cpu_capability']}")
+    m = loaded(False)
+    crops, lms = inputs(12)
+    ref = P.encode_reference(m, crops[0])
+    for name, kw in {"ddim3": dict(steps=3), "ddim3_bs3": dict(steps=3, batch_size=3),
+                     "dpm4_bs8": dict(steps=4, sampler="dpmpp_2m", batch_size=8),
+                     "ddim3_eta": dict(steps=3, eta=0.5, seed=2, batch_size=5)}.items():
+        out = P.sample_faces(m, crops, lms, ref, **kw)
+        assert hashlib.sha256(out.tobytes()).hexdigest()[:16] == rec["tiny_temporal0_" + name], name
+    m = loaded(True)
+    ref = P.encode_reference(m, crops[0])
+    out = P.sample_faces(m, crops, lms, ref, steps=3)
+    assert hashlib.sha256(out.tobytes()).hexdigest()[:16] == rec["tiny_temporal1_ddim3"]
+
+
+def test_short_temporal_video_equals_the_serial_chain(temporal):
+    m, crops, lms, ref = temporal
+    T = 12  # shorter than the smallest automatic segment (MIN_SEGMENT_CLIPS clips)
+    fs = S.FaceSampler(m, ref, steps=3)
+    assert fs.segments(T) == [(0, T)]
+    z = fs.latents(crops[:T], lms[:T])
+    want, motion = serial_chain(m, crops[:T], lms[:T], ref, 3)
+    assert torch.equal(z, want) and torch.equal(fs.motion, motion)
+    faces = P.sample_faces(m, crops[:T], lms[:T], ref, steps=3)
+    np.testing.assert_array_equal(faces, P.tensor_to_crops(m.model.decode(want)))
+
+
+def _expected_parallel(m, crops, lms, ref, segs, crossfade: bool):
+    out = None
+    for j, (a, b) in enumerate(segs):
+        z, _ = serial_chain(m, crops[a:b], lms[a:b], ref, 2)
+        if out is None:
+            out = torch.empty((len(crops),) + z.shape[1:])
+        K = segs[j - 1][1] - a if j else 0
+        if K and crossfade:
+            w = torch.as_tensor(S.crossfade_weights(K), dtype=z.dtype)[:, None, None, None]
+            out[a:a + K] = (1 - w) * out[a:a + K] + w * z[:K]
+        out[a + K:b] = z[K:]
+    return out
+
+
+@pytest.mark.parametrize("crossfade", [True, False])
+def test_parallel_chains_are_serial_chains_per_segment(temporal, crossfade):
+    """One chain per run (batch_size = L): each segment's chain is exactly a serial chain from no
+    motion frames over its frames; overlaps cross-faded (or the warm-up dropped)."""
+    m, crops, lms, ref = temporal
+    fs = S.FaceSampler(m, ref, steps=2, batch_size=5, segment=10, overlap=3, crossfade=crossfade)
+    segs = fs.segments(23)
+    assert segs == [(0, 10), (7, 20), (17, 23)]
+    z = fs.latents(crops, lms)
+    assert torch.equal(z, _expected_parallel(m, crops, lms, ref, segs, crossfade))
+    serial, _ = serial_chain(m, crops, lms, ref, 2)
+    d = (z - serial).abs().flatten(1).amax(1)
+    # the first chain, before its overlap, is the serial chain (up to the rounding of encoding
+    # 23 crops at once instead of 10); later chains started without the serial chain's history
+    assert d[:7].max() < 1e-4 and d[10:].min() > 100 * d[:7].max()
+
+
+def test_parallel_chains_batched_together_match_one_by_one(temporal):
+    """All chains in one run (batch 3 x L) equals running them one by one, up to CPU rounding of a
+    different batch size; the number of runs is the longest chain's clips."""
+    m, crops, lms, ref = temporal
+    one = S.FaceSampler(m, ref, steps=2, batch_size=5, segment=10, overlap=3).latents(crops, lms)
+    calls = []
+    fs = S.FaceSampler(m, ref, steps=2, batch_size=15, segment=10, overlap=3,
+                       step_callback=lambda i, n: calls.append(i))
+    n_runs = fs.num_runs(23)
+    z = fs.latents(crops, lms)
+    torch.testing.assert_close(z, one, atol=1e-4, rtol=0)
+    assert n_runs == 3 == len(calls) // 2  # chains of 2, 3 and 2 clips in parallel
+
+
+def test_seams_crossfade_inside_the_overlap_only(temporal):
+    m, crops, lms, ref = temporal
+    a = S.FaceSampler(m, ref, steps=2, batch_size=5, segment=10, overlap=3, crossfade=True).latents(crops, lms)
+    b = S.FaceSampler(m, ref, steps=2, batch_size=5, segment=10, overlap=3, crossfade=False).latents(crops, lms)
+    diff = (a - b).abs().flatten(1).amax(1)
+    seam_frames = {7, 8, 9, 17, 18, 19}
+    assert all(diff[i] > 0 for i in seam_frames)
+    assert all(diff[i] == 0 for i in range(23) if i not in seam_frames)
+    w = S.crossfade_weights(3)
+    np.testing.assert_allclose(w, [0.25, 0.5, 0.75])
+    # the lower half only: the upper half is E(crop) in both chains
+    h = a.shape[2]
+    assert torch.equal(a[:, :, :h // 2], b[:, :, :h // 2])
+
+
+def test_streaming_calls_carry_motion_frames(temporal):
+    m, crops, lms, ref = temporal
+    whole = S.FaceSampler(m, ref, steps=2, segment=40).latents(crops[:15], lms[:15])
+    fs = S.FaceSampler(m, ref, steps=2, segment=40)
+    parts = torch.cat([fs.latents(crops[:10], lms[:10]), fs.latents(crops[10:15], lms[10:15])])
+    assert torch.equal(parts, whole)
+    # a later call that runs parallel chains: its first chain starts from the carried motion frames
+    fs2 = S.FaceSampler(m, ref, steps=2, batch_size=10, segment=5, overlap=2)
+    fs2.latents(crops[:5], lms[:5])
+    calls = []
+    fs2.step_callback = lambda i, n: calls.append(i)
+    n_runs = fs2.num_runs(10)
+    fs2.latents(crops[5:15], lms[5:15])
+    # chains (0, 5) with the carried motion frames and (3, 10) without: apart at clip 0, then one run
+    assert n_runs == 3 == len(calls) // 2
+
+
+def test_num_runs_counts_the_sampler_runs(temporal):
+    m, crops, lms, ref = temporal
+    for kw in (dict(), dict(batch_size=5), dict(batch_size=10, segment=5, overlap=4), dict(batch_size=7)):
+        calls = []
+        fs = S.FaceSampler(m, ref, steps=1, step_callback=lambda i, n: calls.append(n), **kw)
+        n = fs.num_runs(23)
+        fs(crops, lms)
+        assert len(calls) == n, kw
+    flat = loaded(False)
+    fs = S.FaceSampler(flat, ref, steps=2, batch_size=5)
+    calls = []
+    fs.step_callback = lambda i, n: calls.append(i)
+    fs(*inputs(12))
+    assert fs.num_runs(12) == 3 == len(calls) // 2
+
+
+def test_automatic_segments_fill_the_batch():
+    m = loaded(True)
+    fs = S.FaceSampler(m, None, steps=1, batch_size=40)  # 8 chains of L = 5 per run
+    segs = fs.segments(200)
+    assert len(segs) == 8 and segs[0] == (0, 25) and segs[1] == (20, 50) and segs[-1][1] == 200
+    assert S.FaceSampler(m, None, steps=1, batch_size=8).segments(200) == [(0, 200)]  # 1 chain per run: serial
+    assert fs.segments(20) == [(0, 20)]  # at least MIN_SEGMENT_CLIPS clips per chain
+
+
+def test_auto_batch_size_from_free_memory():
+    m = loaded(False)
+    assert S.auto_batch_size(m) == S.CPU_BATCH  # the CPU keeps its recorded batch
+    per = S.frame_bytes(m)
+    assert S.auto_batch_size(m, free_bytes=0) == 1
+    assert S.auto_batch_size(m, free_bytes=2 * 20 * per) == 16  # half of the free memory, a multiple of 8
+    assert S.auto_batch_size(m, free_bytes=10 ** 15) == 256
+    sizes = [S.auto_batch_size(m, free_bytes=k * per) for k in range(1, 600, 7)]
+    assert sizes == sorted(sizes)
+    mt = loaded(True)
+    assert S.auto_batch_size(mt, free_bytes=2 * 23 * S.frame_bytes(mt)) == 20  # whole clips of L = 5
+    paper = P.LoadedModel("talkformer", __import__("talkformer_core.config", fromlist=["paper"]).paper(), None, None,
+                          torch.device("cuda"), torch.bfloat16)
+    # an H200 with ~130 GiB free: the paper preset gets a batch large enough for full GPU use
+    assert 32 <= S.auto_batch_size(paper, free_bytes=130 * 2 ** 30) <= 256
+
+
+def test_sampler_checks_inputs():
+    from talkformer_core.errors import InputError
+
+    m = loaded(False)
+    with pytest.raises(InputError, match="steps 0"):
+        S.FaceSampler(m, None, steps=0)
+    with pytest.raises(InputError, match="unknown sampler"):
+        S.FaceSampler(m, None, sampler="euler_x")
+    with pytest.raises(InputError, match="overlap 10"):
+        S.FaceSampler(m, None, segment=10, overlap=10)
+    fs = S.FaceSampler(m, None, steps=1)
+    with pytest.raises(InputError, match="crops must be uint8"):
+        fs(np.zeros((2, 16, 16, 3), np.uint8), np.zeros((2, 131, 2), np.float32))
+    with pytest.raises(InputError, match="landmarks must be"):
+        fs(np.zeros((2, 32, 32, 3), np.uint8), np.zeros((3, 131, 2), np.float32))
+    assert math.isclose(S.crossfade_weights(1)[0], 0.5)
