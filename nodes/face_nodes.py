@@ -59,8 +59,11 @@ class DetectFaceLandmarks:
 
 class BlendFace:
     DESCRIPTION = ("Pastes the generated face crops back into the original frames through a feathered "
-                   "lower-face mask (Gaussian ramps); pixels outside the mask stay bit-identical, frames "
-                   "without a face pass through unchanged.")
+                   "lower-face mask (Gaussian ramps); frames without a face pass through unchanged. With "
+                   "watermark on (default) the face region of every blended frame gets the invisible "
+                   "provenance watermark of the one-node path (off: pixels outside the mask stay "
+                   "bit-identical); "
+                   "put TalkFormer Mark Video after Create Video for the file's metadata tag.")
     CATEGORY = CATEGORY
     FUNCTION = "blend"
     RETURN_TYPES = ("IMAGE",)
@@ -78,10 +81,14 @@ class BlendFace:
                     "default": -1, "min": -1, "max": 128,
                     "tooltip": "Width in crop pixels of the soft mask edge; -1 = a tenth of the crop side, "
                                "0 = hard edge."}),
+                "watermark": ("BOOLEAN", {
+                    "default": True,
+                    "tooltip": "Provenance: embed the invisible rivaGan watermark in the face region of every "
+                               "blended frame (python -m talkformer_core.detect reads it)."}),
             },
         }
 
-    def blend(self, images: Any, face_crops: Any, face_track: Any, feather: int = -1):
+    def blend(self, images: Any, face_crops: Any, face_track: Any, feather: int = -1, watermark: bool = True):
         from talkformer_core import pipeline
         from talkformer_core.errors import InputError
 
@@ -92,8 +99,21 @@ class BlendFace:
             raise InputError(f"Blend Face: {len(frames)} frames, {len(crops)} face crops and a face track of "
                              f"{len(track)} frames; expected the same count (use the frames the track and "
                              f"the crops were made from)")
+        marker = None
+        if watermark:
+            from talkformer_core.provenance import Watermarker
+
+            marker = Watermarker().load()  # onnxruntime missing: a clear error before the work
         check_interrupt()
         out = pipeline.blend_faces(frames, crops, track.boxes, track.found, None if feather < 0 else int(feather))
+        if marker is not None:  # the same box rule and payload as pipeline.lipsync, batched
+            from talkformer_core.provenance import MARK_BATCH
+
+            bar = Progress(len(out))
+            for b0 in range(0, len(out), MARK_BATCH):
+                b1 = min(b0 + MARK_BATCH, len(out))
+                out[b0:b1] = marker.embed_regions(out[b0:b1], track.boxes[b0:b1], track.found[b0:b1])
+                bar.update(b1)  # also the interrupt point
         return (uint8_to_image(out),)
 
 

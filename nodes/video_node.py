@@ -272,12 +272,19 @@ class TalkFormerLipSyncVideo:
                     "default": 25, "min": 1, "max": 100,
                     "tooltip": "IP-LAP checkpoints only: the renderer's reference frames (25 as IP-LAP; 5 is about "
                                "4x faster per frame on a CPU, slightly less faithful teeth and lips)."}),
+                "c2pa_cert": ("STRING", {
+                    "default": "",
+                    "tooltip": "Path of a PEM certificate chain (signer first) to sign C2PA content credentials "
+                               "into the mp4; empty = none. Needs c2pa-python; Save Video's copy drops them, "
+                               "TalkFormer Mark Video can save the signed file (docs/provenance.md)."}),
+                "c2pa_key": ("STRING", {"default": "", "tooltip": "Path of the certificate's PEM private key."}),
             },
         }
 
     def lipsync(self, video: Any, model: Any, steps: int = 25, sampler: str = "ddim", seed: int = 0,
                 length_mode: str = "pingpong", face_index: int = -1, reference_frame: int = -1,
-                feather: int = -1, watermark: bool = True, audio: Any = None, iplap_references: int = 25):
+                feather: int = -1, watermark: bool = True, audio: Any = None, iplap_references: int = 25,
+                c2pa_cert: str = "", c2pa_key: str = ""):
         from talkformer_core import pipeline
         from talkformer_core.errors import AudioError
         from talkformer_core.video import probe_video
@@ -288,6 +295,7 @@ class TalkFormerLipSyncVideo:
             reference_frame=None if int(reference_frame) < 0 else int(reference_frame),
             feather=None if int(feather) < 0 else int(feather),
             watermark=bool(watermark), iplap_references=int(iplap_references),
+            c2pa_cert=str(c2pa_cert or "").strip() or None, c2pa_key=str(c2pa_key or "").strip() or None,
         )
         out = _unique_path(temp_directory(), OUTPUT_PREFIX)
         bar: list[Progress] = []

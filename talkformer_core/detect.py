@@ -1,14 +1,18 @@
 """Read a video's provenance marks: ``python -m talkformer_core.detect FILE [--frames 24] [--json]``.
 
-Reports both marks ``pipeline.lipsync`` leaves (provenance.py):
-  - the container's ``comment`` metadata tag (does it name the generator?);
+Reports the three marks our outputs can carry (docs/provenance.md):
+  - the container's ``comment`` metadata tag (does it name the generator, and does it say the
+    frames carry the invisible watermark or that none was embedded?);
   - the invisible rivaGan watermark in the face region: our face track (pipeline.analyze_frames,
     the same tracker and box rule that placed the mark) runs over a stretch of up to
     ``--track-frames`` consecutive frames from the middle of the video, the mark is decoded in the
     face box of ``--frames`` frames spread over it, and the per-frame logits are averaged (soft
-    voting) into 32 bits, compared with the generator's payload.
-Verdict: "watermark found" when at least 29 of 32 bits agree (an unmarked video does so by chance
-with probability 5.6e-6), "not found" otherwise.
+    voting) into 32 bits, compared with the generator's payload;
+  - C2PA content credentials (content_credentials.py): valid / trusted (``--c2pa-trust CA.pem``) /
+    invalid / absent, the signer and the claim generator; "not checked" without c2pa-python.
+Watermark verdict: "found" when at least 29 of 32 bits agree (an unmarked video does so by chance
+with probability 5.6e-6), "not found" otherwise; read against what the tag says (a tag that says
+no watermark was embedded makes "not found" the expected answer, not a failure).
 
 Exit status: 0 watermark found, 1 not found, 2 bad input (message on stderr).
 """
@@ -41,12 +45,34 @@ class DetectReport:
     false_match_probability: float
     watermark_found: bool
     frames: list[int] = field(default_factory=list)  # template frames (25 fps) decoded
+    tag_claims_watermark: bool | None = None  # True / False: what our tag says; None: no tag of ours
+    note: str = ""  # e.g. why no frame could be decoded
+    c2pa: dict | None = None  # content_credentials.report_dict
 
     @property
     def verdict(self) -> str:
-        wm = "watermark found" if self.watermark_found else "watermark not found"
         tag = "tag names the generator" if self.tag_names_generator else "no generator tag"
-        return f"{wm}; {tag}"
+        if self.tag_claims_watermark is False:
+            wm = ("watermark found although the tag says none was embedded" if self.watermark_found
+                  else "the tag says no watermark was embedded (none found)")
+        elif self.watermark_found:
+            wm = "watermark found"
+        elif self.tag_claims_watermark:
+            wm = "watermark not found although the tag claims one (re-encoded, cropped or scaled since?)"
+        else:
+            wm = "watermark not found"
+        parts = [wm, tag] if self.tag_claims_watermark is None else [tag, wm]
+        c = self.c2pa or {}
+        status = c.get("status")
+        if status in ("valid", "trusted"):
+            parts.append(f"C2PA credentials {status} (signer {c.get('signer')}, generator {c.get('generator')})")
+        elif status == "invalid":
+            parts.append("C2PA credentials INVALID (" + str(c.get("detail")) + ")")
+        elif status == "absent":
+            parts.append("no C2PA credentials")
+        elif status:
+            parts.append(f"C2PA {status} ({c.get('detail')})")
+        return "; ".join(parts)
 
 
 def read_tags(path: str | Path) -> dict[str, str]:
@@ -60,15 +86,20 @@ def read_tags(path: str | Path) -> dict[str, str]:
         return {str(k): str(v) for k, v in c.metadata.items()}
 
 
-def detect_file(path: str | Path, frames: int = 24, track_frames: int = 75) -> DetectReport:
-    """Decode the tag and the watermark of a video file (see the module docstring)."""
+def detect_file(path: str | Path, frames: int = 24, track_frames: int = 75, c2pa: bool = True,
+                c2pa_trust: str | Path | None = None) -> DetectReport:
+    """Read the tag, the watermark and (``c2pa``) the C2PA credentials of a video file (see the
+    module docstring); ``c2pa_trust``: PEM trust anchors for the C2PA signer."""
     from . import provenance
+    from .content_credentials import read_credentials, report_dict
+    from .errors import FaceError
     from .pipeline import FPS, analyze_frames
     from .video import iter_frames, probe_video
 
     info = probe_video(path)  # VideoError for missing / corrupt files
     tags = read_tags(path)
     comment = tags.get("comment")
+    creds = report_dict(read_credentials(path, c2pa_trust)) if c2pa else None
     n_total = info.frames_at(FPS)
     span = max(1, min(track_frames, n_total))
     start = max(0, (n_total - span) // 2)
@@ -76,8 +107,13 @@ def detect_file(path: str | Path, frames: int = 24, track_frames: int = 75) -> D
     held = list(iter_frames(path, FPS, start=start, max_frames=span))
     if not held:
         raise VideoError(f"{path}: no frames decoded")
-    analysis = analyze_frames(held, 256, source=str(path))
-    found = np.flatnonzero(analysis.found)
+    note = ""
+    try:
+        analysis = analyze_frames(held, 256, source=str(path))
+        found = np.flatnonzero(analysis.found)
+    except FaceError:  # the tag and the credentials are still worth reporting
+        analysis, found = None, np.zeros(0, np.int64)
+        note = f"no face in frames {start}..{start + len(held) - 1}: the watermark could not be read"
     pick = found[np.unique(np.linspace(0, len(found) - 1, min(frames, len(found))).round().astype(int))]
     logits = []
     for t in pick:
@@ -96,6 +132,7 @@ def detect_file(path: str | Path, frames: int = 24, track_frames: int = 75) -> D
         false_match_probability=provenance.false_match_probability(correct),
         watermark_found=bool(len(lg)) and correct >= MIN_CORRECT,
         frames=[int(start + t) for t in pick],
+        tag_claims_watermark=provenance.tag_claims_watermark(comment), note=note, c2pa=creds,
     )
 
 
@@ -106,8 +143,17 @@ def format_report(r: DetectReport) -> str:
         f"watermark: {r.bits_correct}/32 payload bits correct after voting over {r.frames_decoded} frames "
         f"(per frame {100 * r.per_frame_accuracy:.1f} %); decoded {r.bits}, expected {r.expected}",
         f"chance of this many matching bits in an unmarked video: {r.false_match_probability:.2g}",
-        f"verdict: {r.verdict}",
     ]
+    if r.note:
+        lines.append(f"note: {r.note}")
+    c = r.c2pa
+    if c is not None:
+        line = f"C2PA: {c['status']}: {c['detail']}"
+        if c.get("signer") or c.get("generator"):
+            line += (f"; signer {c.get('signer')}; claim generator {c.get('generator')}; actions "
+                     f"{', '.join(c.get('actions') or []) or '-'} ({', '.join(c.get('digital_source_types') or []) or '-'})")
+        lines.append(line)
+    lines.append(f"verdict: {r.verdict}")
     return "\n".join(lines)
 
 
@@ -117,10 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("file", help="video file (mp4, ...)")
     ap.add_argument("--frames", type=int, default=24, help="frames whose face region is decoded (voted)")
     ap.add_argument("--track-frames", type=int, default=75, help="consecutive frames the face track runs over")
+    ap.add_argument("--c2pa-trust", default=None, metavar="CA.pem",
+                    help="PEM trust anchors: also check that the C2PA signer chains to one (default: the "
+                         "signature and content hash are checked, not the signer's trust)")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     a = ap.parse_args(argv)
     try:
-        r = detect_file(a.file, frames=max(1, a.frames), track_frames=max(1, a.track_frames))
+        r = detect_file(a.file, frames=max(1, a.frames), track_frames=max(1, a.track_frames),
+                        c2pa_trust=a.c2pa_trust)
     except TalkFormerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -542,6 +542,8 @@ class SyncOptions:
     crf: int = 18
     num_references: int | None = None  # N; None = the config's
     iplap_references: int = 25  # IP-LAP checkpoints: the renderer's reference frames (IP-LAP: 25)
+    c2pa_cert: str | None = None  # PEM certificate chain: sign C2PA content credentials (content_credentials.py)
+    c2pa_key: str | None = None  # its PEM private key
 
 
 @dataclass
@@ -628,7 +630,7 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
     from .diffusion import get_sampler
     from .face.blend import lower_face_mask
     from .face.track import crop_frame
-    from .provenance import GENERATOR_TAG, Watermarker
+    from .provenance import Watermarker, generator_tag
     from .video import PLAN_MODES, VideoWriter, iter_frames, match_length_indices, probe_video
 
     t_start = time.time()
@@ -664,6 +666,9 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
     marker = Watermarker() if opt.watermark else None
     if marker is not None:
         marker.load()  # onnxruntime missing -> a clear error now, not after the sampling
+    from .content_credentials import load_credentials
+
+    credentials = load_credentials(opt.c2pa_cert, opt.c2pa_key)  # bad cert / key: an error now
     warn: list[str] = []
 
     # ---- pass 1: face analysis (streamed; landmarks only)
@@ -710,9 +715,10 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
             callback(done, T, None)
 
     # ---- pass 2: chunks of monotone runs; crop, sample, decode, blend, mark, write
-    metadata = {"comment": GENERATOR_TAG}
+    metadata = {"comment": generator_tag(marker is not None)}  # the tag says whether frames are marked
+    sign = credentials.finalizer(out_path.name) if credentials is not None else None
     with VideoWriter(out_path, FPS, audio=aud.waveform, audio_rate=aud.sample_rate, crf=opt.crf,
-                     metadata=metadata) as writer:
+                     metadata=metadata, finalize=sign) as writer:
         for k0, k1, step in runs(plan, opt.chunk_size):
             t_idx = plan[k0:k1]
             lo = int(t_idx.min())
@@ -738,9 +744,9 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
                 out_frames = blend_faces(frames, gen_crops, boxes, found, opt.feather)
                 mark_boxes, preview = boxes, (gen_crops[sel[-1]] if len(sel) else None)
             del frames
-            for i, f in enumerate(out_frames):
-                if marker is not None and found[i]:
-                    f = marker.embed_region(f, mark_boxes[i])
+            if marker is not None:  # batched through the ONNX encoder (provenance.MARK_BATCH)
+                out_frames = marker.embed_regions(out_frames, mark_boxes, found)
+            for f in out_frames:
                 writer.write(f)
             done = k1
             if callback is not None:

@@ -47,7 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compute dtype (auto: fp32 on CPU, bf16/fp16 on GPU)")
     ap.add_argument("--vae", default=None, help="external VAE (.safetensors) for a checkpoint that names one")
     ap.add_argument("--no-watermark", action="store_true",
-                    help="do not embed the invisible provenance watermark (the metadata tag is always written)")
+                    help="do not embed the invisible provenance watermark (the metadata tag is always written "
+                         "and then says that no watermark was embedded)")
+    ap.add_argument("--c2pa-cert", default=None, metavar="CERT.pem",
+                    help="sign C2PA content credentials into the mp4 with this PEM certificate chain "
+                         "(signer first; needs --c2pa-key and the c2pa-python package; docs/provenance.md) "
+                         "(default: no credentials)")
+    ap.add_argument("--c2pa-key", default=None, metavar="KEY.pem",
+                    help="the PEM private key of --c2pa-cert (default: none)")
     ap.add_argument("--crf", type=int, default=18, help="h264 quality (lower = better)")
     ap.add_argument("--iplap-references", type=int, default=25,
                     help="IP-LAP checkpoints only: reference frames of the renderer (IP-LAP: 25; fewer = faster)")
@@ -75,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             return _error(f"--batch-size {a.batch_size}: expected >= 1")
         if a.iplap_references < 1:
             return _error(f"--iplap-references {a.iplap_references}: expected >= 1")
+        from .content_credentials import load_credentials
+
+        load_credentials(a.c2pa_cert, a.c2pa_key)  # a bad certificate or key: an error before the work
         if not P._is_image(a.video):
             from .video import probe_video
 
@@ -88,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         opts = P.SyncOptions(steps=a.steps, sampler=a.sampler, eta=a.eta, seed=a.seed,
                              reference_frame=a.reference_frame, face_index=a.face_index,
                              length_mode=a.length_mode, feather=a.feather, batch_size=a.batch_size,
-                             watermark=not a.no_watermark, crf=a.crf, iplap_references=a.iplap_references)
+                             watermark=not a.no_watermark, crf=a.crf, iplap_references=a.iplap_references,
+                             c2pa_cert=a.c2pa_cert, c2pa_key=a.c2pa_key)
         from tqdm import tqdm
 
         bar = None

@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -300,11 +300,14 @@ class VideoWriter:
     so the final path never holds a half-written video; on an exception the temporary file is deleted.
     ``metadata`` goes into the container's tags (mp4: e.g. ``comment``, ``title``).
     ``faststart`` moves the index to the front (playable while downloading).
+    ``finalize(tmp_path)``, if given, runs on the finished temporary file before the rename and may
+    rewrite it in place (C2PA signing: content_credentials.py); if it raises, nothing is left.
     """
 
     def __init__(self, path: str | Path, fps: float, audio: np.ndarray | None = None,
                  audio_rate: int = 16000, crf: int = 18, metadata: dict[str, str] | None = None,
-                 preset: str = "medium", faststart: bool = True, codec_options: dict[str, str] | None = None):
+                 preset: str = "medium", faststart: bool = True, codec_options: dict[str, str] | None = None,
+                 finalize: Callable[[Path], None] | None = None):
         if fps <= 0:
             raise InputError(f"{path}: fps must be positive, got {fps}")
         self.path = Path(path)
@@ -315,6 +318,7 @@ class VideoWriter:
         self.faststart = faststart
         self.codec_options = dict(codec_options or {})
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+        self.finalize = finalize
         self.audio_rate = int(audio_rate)
         self.audio = self._prepare_audio(audio) if audio is not None else None  # (C, T) float32
         self.num_frames = 0
@@ -430,6 +434,8 @@ class VideoWriter:
                     self._container.mux(packet)
             self._container.close()
             self._container = None
+            if self.finalize is not None:
+                self.finalize(self._tmp)
             _chmod_like_new_file(self._tmp)  # mkstemp makes 0600; a finished video is a normal file
             os.replace(self._tmp, self.path)
             self._tmp = None
@@ -453,6 +459,53 @@ class VideoWriter:
             except FileNotFoundError:
                 pass
             self._tmp = None
+
+
+def remux(src: str | Path, dst: str | Path, metadata: dict[str, str] | None = None,
+          finalize: Callable[[Path], None] | None = None) -> Path:
+    """Copy ``src``'s video and audio streams into a new mp4 ``dst`` (no re-encode) with its
+    container tags updated by ``metadata`` (the others kept). Atomic like VideoWriter: written
+    under a temporary name (``finalize(tmp)`` may rewrite it, e.g. C2PA signing) and renamed; on
+    any error nothing is left at ``dst``. VideoError for an unreadable ``src``."""
+    import av
+
+    p = _check_file(src)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.stem}.", suffix=".part" + (dst.suffix or ".mp4"), dir=dst.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        with _open(p) as inp:
+            _video_stream(inp, p)
+            fmt = "mp4" if dst.suffix.lower() in ("", ".mp4", ".m4v") else None
+            with av.open(str(tmp), mode="w", format=fmt, options={"movflags": "+faststart"}) as out:
+                for k, v in inp.metadata.items():
+                    if k not in ("major_brand", "minor_version", "compatible_brands", "encoder"):
+                        out.metadata[k] = v
+                out.metadata.update({str(k): str(v) for k, v in (metadata or {}).items()})
+                streams = {s: out.add_stream_from_template(template=s) for s in inp.streams
+                           if s.type in ("video", "audio")}
+                try:
+                    for packet in inp.demux(*streams):
+                        if packet.dts is None:
+                            continue  # the demuxer's flush packets
+                        packet.stream = streams[packet.stream]
+                        out.mux(packet)
+                except av.FFmpegError as e:
+                    raise VideoError(f"{p}: corrupt or truncated video: copying its streams failed "
+                                     f"({e.__class__.__name__}: {e})") from e
+        if finalize is not None:
+            finalize(tmp)
+        _chmod_like_new_file(tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    return dst
 
 
 # ----------------------------------------------------------------------------- index plans
