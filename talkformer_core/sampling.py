@@ -59,14 +59,97 @@ def initial_noise(model: "LoadedModel", seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def decode_latents(model: "LoadedModel", z: torch.Tensor) -> np.ndarray:
-    with model.autocast():
-        return tensor_to_crops(model.model.decode(_fmt(model, z)))
+    with _net_ctx(model):
+        return tensor_to_crops(model.model.decode(_in(model, z)))
 
 
 def _fmt(model: "LoadedModel", x: torch.Tensor) -> torch.Tensor:
     """x in channels_last when the model runs so (LoadedModel.channels_last), else untouched: the
     CPU path's convolutions see exactly the strides they always saw (its numbers stay bit-equal)."""
     return x.to(memory_format=torch.channels_last) if getattr(model, "channels_last", False) else x
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU speed knobs (every one off on the CPU, whose numbers they would change)
+
+@dataclass
+class SpeedOptions:
+    """How the stage-2 networks run. None = automatic: on for CUDA, off elsewhere.
+
+    channels_last: NHWC convolutions (cuDNN's tensor-core layout; NCHW bf16 convs pay transposes),
+        and tokens() of an NHWC map is a free view for the attention layers.
+    half_weights: the U-Net, appearance encoder and autoencoder weights in the compute dtype
+        (bf16 / fp16) and no autocast around them: GroupNorm / LayerNorm / SiLU then run in bf16
+        instead of autocast's fp32 (which reads and writes every activation in 4 bytes, twice).
+        The landmark network stays fp32 (coordinates want the precision; it is tiny).
+    compile: ``torch.compile`` the U-Net (fuses the norms and elementwise ops; minutes of compile
+        time per new batch shape, so off unless asked; falls back to eager if it fails).
+    """
+
+    channels_last: bool | None = None
+    half_weights: bool | None = None
+    compile: bool = False
+
+
+def apply_speed(model: "LoadedModel", options: SpeedOptions | None = None) -> "LoadedModel":
+    """Set up ``model`` for speed once (idempotent per option set); returns it."""
+    o = options or SpeedOptions()
+    cuda = model.device.type == "cuda"
+    cl = cuda if o.channels_last is None else bool(o.channels_last)
+    half = (cuda and model.dtype != torch.float32) if o.half_weights is None else bool(o.half_weights)
+    if model.kind != "talkformer":
+        return model
+    key = (cl, half, bool(o.compile))
+    if getattr(model, "speed_key", None) == key or (key == (False, False, False) and
+                                                     getattr(model, "speed_key", None) is None):
+        return model  # (the CPU default touches nothing)
+    tf = model.model
+    parts = [m for m in (tf.unet, tf.appearance, tf.autoencoder) if m is not None]
+    for m in parts:
+        m.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        if half and model.dtype != torch.float32:
+            m.to(model.dtype)
+    model.channels_last, model.half_weights = cl, half and model.dtype != torch.float32
+    model.compiled_unet = None
+    if o.compile and hasattr(torch, "compile"):
+        model.compiled_unet = _safe_compile(tf.unet)
+    model.speed_key = key
+    return model
+
+
+def _safe_compile(module: torch.nn.Module) -> Callable:
+    """torch.compile'd ``module``; on the first failure (no triton, an unsupported op) it warns
+    once and runs eagerly from then on."""
+    import warnings
+
+    compiled = torch.compile(module, dynamic=False)
+    state = {"ok": True}
+
+    def call(*args, **kwargs):
+        if state["ok"]:
+            try:
+                return compiled(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001  (any backend failure: eager is always correct)
+                state["ok"] = False
+                warnings.warn(f"torch.compile of the U-Net failed ({type(e).__name__}: {e}); running eagerly")
+        return module(*args, **kwargs)
+
+    return call
+
+
+def _net_ctx(model: "LoadedModel"):
+    """The context the stage-2 networks run in: autocast, or none when their weights are already
+    in the compute dtype (SpeedOptions.half_weights)."""
+    import contextlib
+
+    return contextlib.nullcontext() if getattr(model, "half_weights", False) else model.autocast()
+
+
+def _in(model: "LoadedModel", x: torch.Tensor) -> torch.Tensor:
+    """A network input: the weights' dtype when they are half, the memory format when channels_last."""
+    if getattr(model, "half_weights", False):
+        x = x.to(model.dtype)
+    return _fmt(model, x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,8 +201,13 @@ def _encode_known(model: "LoadedModel", crops: np.ndarray) -> tuple[torch.Tensor
     """-> (E(masked crop), E(crop)) fp32 (B, C, h, w): the sampler's fixed upper half and the
     decoder's upper half (see ``sample_latents``)."""
     tf = model.model
-    with model.autocast():
-        x_crops = _fmt(model, crops_to_tensor(crops, model.device))
+    with _net_ctx(model):
+        x_crops = _in(model, crops_to_tensor(crops, model.device))
+        if model.device.type == "cuda":  # one encoder pass of 2B crops: a fuller GPU batch
+            masked = x_crops.clone()
+            masked[:, :, x_crops.shape[2] // 2:] = -1.0  # as TalkFormer.encode_masked
+            known, upper = tf.encode(torch.cat([masked, x_crops])).float().chunk(2)
+            return known.contiguous(), upper.contiguous()
         known = tf.encode_masked(x_crops).float()  # (B, C, h, w)
         upper = tf.encode(x_crops).float()
     return known, upper  # strides as the encoder made them: the CPU numbers depend on them
@@ -129,9 +217,8 @@ def _model_fn(model: "LoadedModel", lc: Any, reference: Any, mc: Any = None, num
     unet = getattr(model, "compiled_unet", None) or model.model.unet
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with model.autocast():
-            x = _fmt(model, x)
-            return unet(x, t, lc, reference, motion=mc, num_frames=num_frames).float()
+        with _net_ctx(model):
+            return unet(_in(model, x), t, lc, reference, motion=mc, num_frames=num_frames).float()
 
     return model_fn
 
@@ -176,7 +263,7 @@ def _run_independent(model, known, upper, lms, reference, steps, sampler, noise,
     h, w = known.shape[2:]
     mask = model.model.known_mask(h, w, device=dev).bool()  # (1, 1, h, w) upper half
     cb = None if step_callback is None else (lambda i, n, x, x0: step_callback(i, n))
-    with model.autocast():
+    with _net_ctx(model):
         lc = model.model.prepare_landmarks(lms)  # step-invariant M-Align K/V, once per frame
     x_T = noise.to(dev, torch.float32).expand(B, -1, -1, -1).contiguous()
     out = fn(_model_fn(model, lc, reference), x_T, model.schedule, steps, known=known, known_mask=mask, eta=eta,
@@ -239,7 +326,7 @@ class _ChainRunner:
             s = c.frames[c.clip * L:(c.clip + 1) * L]
             n_real.append(len(s))
             sel += s + [s[-1]] * (L - len(s))  # the last clip padded by repeating its last frame
-        with self.model.autocast():
+        with _net_ctx(self.model):
             lc = tf.prepare_landmarks(self.lms[sel])
             mc = (None if group[0].motion is None
                   else tf.prepare_motion(torch.stack([c.motion for c in group]).to(self.model.device)))
@@ -284,12 +371,14 @@ class FaceSampler:
     chain (``crossfade`` False: the later chain's overlap frames only warm its motion frames up
     and are dropped; the seam is then a cut between two chains that both have motion context).
     ``step_callback(i, n)`` after every sampler step of every run; raise from it to stop.
+    ``speed``: SpeedOptions (default: automatic, i.e. on for CUDA; nothing changes on the CPU).
     """
 
     def __init__(self, model: "LoadedModel", reference: Any, *, steps: int = 25, sampler: str = "ddim",
                  seed: int = 0, eta: float = 0.0, noise: torch.Tensor | None = None,
                  batch_size: int | None = None, segment: int | None = None, overlap: int | None = None,
-                 crossfade: bool = True, step_callback: StepCallback | None = None):
+                 crossfade: bool = True, step_callback: StepCallback | None = None,
+                 speed: SpeedOptions | None = None):
         from .diffusion import get_sampler
 
         get_sampler(sampler)  # unknown names fail here
@@ -297,7 +386,7 @@ class FaceSampler:
             raise InputError(f"steps {steps}: expected >= 1")
         if batch_size is not None and int(batch_size) < 1:
             raise InputError(f"batch size {batch_size}: expected >= 1")
-        self.model, self.reference = model, reference
+        self.model, self.reference = apply_speed(model, speed), reference
         self.steps, self.sampler, self.eta = int(steps), sampler, float(eta)
         self.seed = int(seed)
         self.noise = initial_noise(model, seed) if noise is None else noise

@@ -241,3 +241,41 @@ def test_sampler_checks_inputs():
     with pytest.raises(InputError, match="landmarks must be"):
         fs(np.zeros((2, 32, 32, 3), np.uint8), np.zeros((3, 131, 2), np.float32))
     assert math.isclose(S.crossfade_weights(1)[0], 0.5)
+
+
+def test_speed_knobs_on_the_cpu():
+    """channels_last gives the same faces (up to conv rounding); bf16 weights without autocast stay
+    close to fp32; the CPU default changes nothing (bit-equal, tested above)."""
+    crops, lms = inputs(6)
+    ref32 = None
+    outs = {}
+    for name, dtype, speed in (("fp32", torch.float32, None),
+                               ("cl", torch.float32, S.SpeedOptions(channels_last=True)),
+                               ("bf16", torch.bfloat16, S.SpeedOptions(channels_last=True, half_weights=True))):
+        m = loaded(False)
+        m.dtype = dtype
+        ref = P.encode_reference(m, crops[0]) if ref32 is None or dtype != torch.float32 else ref32
+        ref32 = ref if name == "fp32" else ref32
+        fs = S.FaceSampler(m, ref, steps=3, speed=speed)
+        outs[name] = fs(crops, lms).astype(np.float64)
+        if name != "fp32":
+            assert m.channels_last and next(m.model.unet.parameters()).dtype == dtype
+            assert next(m.model.landmark.parameters()).dtype == torch.float32  # stage 1 stays fp32
+    assert np.abs(outs["cl"] - outs["fp32"]).max() <= 1
+    psnr = 10 * np.log10(255.0 ** 2 / np.mean((outs["bf16"] - outs["fp32"]) ** 2))
+    assert psnr > 30, psnr
+
+
+def test_temporal_attention_in_batch_pieces_is_exact(monkeypatch):
+    """Temp-Att's many short sequences go through SDPA in pieces (CUDA grids cap the batch); the
+    pieces give the same output as one call."""
+    from talkformer_core.models import talkformer as TFM
+
+    torch.manual_seed(0)
+    att = TFM.TemporalAttention(32, 2, 2)
+    torch.nn.init.normal_(att.proj_out.weight, std=0.1)
+    x = torch.randn(10, 32, 4, 4)  # 2 clips of 5 frames, 16 positions: 32 sequences
+    motion = att.kv(torch.randn(4, 32, 4, 4), 2)
+    whole = att(x, 5, motion)
+    monkeypatch.setattr(TFM, "SDPA_MAX_BATCH", 7)
+    assert torch.equal(att(x, 5, motion), whole)

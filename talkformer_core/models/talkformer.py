@@ -77,6 +77,20 @@ def attend_grouped(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     return out.transpose(1, 2).reshape(N, S, C)
 
 
+SDPA_MAX_BATCH = 32768  # CUDA attention kernels put the batch on a grid axis capped at 65535
+
+
+def sdpa_batched(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """F.scaled_dot_product_attention over a batch of many short sequences (Temp-Att: one per clip
+    and latent position, B*HW of them), in pieces of at most SDPA_MAX_BATCH (exact: the batch
+    entries are independent)."""
+    if q.shape[0] <= SDPA_MAX_BATCH:
+        return F.scaled_dot_product_attention(q, k, v)
+    return torch.cat([F.scaled_dot_product_attention(q[i:i + SDPA_MAX_BATCH], k[i:i + SDPA_MAX_BATCH],
+                                                     v[i:i + SDPA_MAX_BATCH])
+                      for i in range(0, q.shape[0], SDPA_MAX_BATCH)])
+
+
 def sinusoid(positions: Tensor, dim: int) -> Tensor:
     """Transformer sinusoidal encoding. positions (S,) -> (S, dim)."""
     half = dim // 2
@@ -285,7 +299,7 @@ class TemporalAttention(nn.Module):
         if motion is not None:
             k = torch.cat([motion[0], k], dim=2)  # (B*HW, heads, M+L, d)
             v = torch.cat([motion[1], v], dim=2)
-        a = self.proj_out(from_heads(F.scaled_dot_product_attention(q, k, v)))  # (B*HW, L, C)
+        a = self.proj_out(from_heads(sdpa_batched(q, k, v)))  # (B*HW, L, C)
         a = a.reshape(B, H * W, L, C).permute(0, 2, 3, 1).reshape(N, C, H, W)
         return x + a
 
