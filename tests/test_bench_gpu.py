@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # what a GPU box without the front end's packages sees: importing either fails
@@ -36,3 +38,22 @@ def test_bench_gpu_quick_on_cpu(tmp_path):
     assert any(x.get("ablation") == "autocast NCHW" for x in rows)
     assert res["lipsync_e2e"]["status"].startswith("skipped")
     assert "bf16 matmul" in r.stdout and "fps" in r.stdout  # the printed table
+
+
+def test_fast_sampler_choice_and_seam_helpers():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import fast_sampler
+    import seam_jitter
+
+    rows = [dict(sampler="ddim", steps=200, psnr=30.0, lmd=1.00), dict(sampler="dpmpp_2m", steps=25, psnr=30.1, lmd=0.99),
+            dict(sampler="dpmpp_2m", steps=10, psnr=29.5, lmd=1.015), dict(sampler="dpmpp_2m", steps=8, psnr=29.3, lmd=1.0),
+            dict(sampler="dpmpp_2m", steps=5, psnr=28.0, lmd=1.0)]
+    assert fast_sampler.choose(rows)["steps"] == 10  # 29.3 < 0.98 * 30 = 29.4: 8 steps is out
+    assert fast_sampler.choose(rows[:1] + rows[-1:]) is None
+    p = np.zeros((6, 2, 2))
+    p[:, :, 0] = np.arange(6)[:, None]  # steady motion: no second difference
+    p[4:, :, 1] += 3.0  # a jump between frames 3 and 4
+    d = seam_jitter.second_difference(p)
+    assert np.isnan(d[0]) and np.isnan(d[-1])
+    np.testing.assert_allclose(d[1:-1], [0, 0, 3, 3])
+    assert seam_jitter.seam_frames([(0, 10), (7, 20)], 3).tolist() == [6, 7, 8, 9, 10]
