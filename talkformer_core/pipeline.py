@@ -542,6 +542,7 @@ class SyncOptions:
     crf: int = 18
     num_references: int | None = None  # N; None = the config's
     iplap_references: int = 25  # IP-LAP checkpoints: the renderer's reference frames (IP-LAP: 25)
+    prefetch: bool | None = None  # read the next chunk's frames while this one samples; None = on a GPU
     c2pa_cert: str | None = None  # PEM certificate chain: sign C2PA content credentials (content_credentials.py)
     c2pa_key: str | None = None  # its PEM private key
 
@@ -599,6 +600,40 @@ def runs(plan: np.ndarray, max_len: int) -> list[tuple[int, int, int]]:
         out.append((k, j, step))
         k = j
     return out
+
+
+def prefetched(fn: Callable[[Any], Any], items: Sequence[Any], enabled: bool = True) -> Iterator[Any]:
+    """fn(item) for each item, in order; with ``enabled`` the next item's fn runs in a background
+    thread while the caller works on the current one (video decoding overlaps GPU sampling).
+    At most two results are held; an exception in fn is raised where its result is taken."""
+    if not enabled:
+        for it in items:
+            yield fn(it)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="talkformer-prefetch")
+    try:
+        nxt = ex.submit(fn, items[0]) if len(items) else None
+        for i in range(len(items)):
+            cur = nxt
+            nxt = ex.submit(fn, items[i + 1]) if i + 1 < len(items) else None
+            yield cur.result()
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+def _chunk_frames(video: Any, image: np.ndarray | None, plan: np.ndarray, chunk: tuple[int, int, int]) -> list:
+    """The template frames of output frames [k0, k1) of one monotone run (``runs``), in output order."""
+    k0, k1, step = chunk
+    t_idx = plan[k0:k1]
+    lo = int(t_idx.min())
+    frames = _read_template(video, image, lo, int(t_idx.max()) - lo + 1)
+    if step < 0:
+        frames = frames[::-1]
+    elif step == 0:
+        frames = frames[:1] * (k1 - k0)
+    return frames
 
 
 def _read_template(video: Any, image: np.ndarray | None, t_lo: int, count: int) -> list[np.ndarray]:
@@ -719,14 +754,11 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
     sign = credentials.finalizer(out_path.name) if credentials is not None else None
     with VideoWriter(out_path, FPS, audio=aud.waveform, audio_rate=aud.sample_rate, crf=opt.crf,
                      metadata=metadata, finalize=sign) as writer:
-        for k0, k1, step in runs(plan, opt.chunk_size):
+        chunks = runs(plan, opt.chunk_size)
+        ahead = model.device.type != "cpu" if opt.prefetch is None else bool(opt.prefetch)
+        for (k0, k1, step), frames in zip(chunks, prefetched(lambda c: _chunk_frames(video, image, plan, c),
+                                                             chunks, ahead)):
             t_idx = plan[k0:k1]
-            lo = int(t_idx.min())
-            frames = _read_template(video, image, lo, int(t_idx.max()) - lo + 1)
-            if step < 0:
-                frames = frames[::-1]
-            elif step == 0:
-                frames = frames[:1] * (k1 - k0)
             found = found_out[k0:k1]
             if frame_renderer is not None:
                 def frame_cb(i: int, n: int, k0: int = k0, k1: int = k1) -> None:  # batch i of n done: per-frame progress

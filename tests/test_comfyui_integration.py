@@ -8,9 +8,10 @@ checkpoint lies in a folder named by an --extra-model-paths-config file (so extr
 exercised) under the name the workflows use. Checks that /object_info lists our nodes exactly as
 build_workflows.py derives them, posts every API workflow with workflows/run_api.py (2 sampling steps)
 and checks the outputs: an mp4 with the right frame count, size and an audio track, and the preview
-images of the stage-by-stage workflow. Where TALKFORMER_UITEST names a headless-frontend loader
-(load_workflow.js, see docs/nodes.md) and node is installed, every UI workflow is also loaded in the
-real frontend: no missing node types, and its API prompt equals our twin.
+images of the stage-by-stage workflow. Where PLAYWRIGHT_CORE names an installed playwright-core
+(npm), node and Debian's chromium are present, every UI workflow is also loaded in the real frontend
+(tests/ui/load_workflow.js): no missing node types, its API prompt equals our twin, and it fits a
+1400x900 window below the tab strip.
 """
 from __future__ import annotations
 
@@ -35,15 +36,12 @@ COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")
 
 CLIP_SECONDS, AUDIO_SECONDS, FPS, FRAME = 1.0, 1.2, 25.0, 128
+PERSON_SECONDS = 1.6  # the training clip of the flagship workflow (preprocessing wants >= 1.5 s)
 API_FILES = sorted(WF.glob("*.api.json"))
-# Not run here (they still load in the frontend below and are type-checked in test_workflows.py):
-# the IP-LAP workflow needs an IP-LAP checkpoint whose renderer costs seconds per frame on CPU, and
-# the fine-tune workflow trains for minutes. Both paths are run without a server in
-# test_iplap_pipeline.py and test_finetune.py.
-SLOW_ON_CPU = {"iplap_lipsync.api.json": "IP-LAP renderer: seconds per frame on CPU",
-               "finetune_then_lipsync.api.json": "trains a model for minutes"}
-API_PARAMS = [pytest.param(p, marks=pytest.mark.skip(reason=SLOW_ON_CPU[p.name])) if p.name in SLOW_ON_CPU else p
-              for p in API_FILES]
+# What the CPU server runs small: the IP-LAP renderer with 5 references (seconds per frame), the
+# trainer capped at a few steps.
+FAST = {"iplap_lipsync.api.json": ["iplap_references=5"],
+        "finetune_then_lipsync.api.json": ["max_steps=2", "budget_minutes=60"]}
 
 
 def _load(path: Path, name: str):
@@ -88,6 +86,7 @@ def server(tmp_path_factory):
     model = TalkFormer.from_config(tiny())
     save_checkpoint(ckpts / build.CHECKPOINT, {k: getattr(model, k) for k in ("autoencoder", "landmark", "appearance", "unet")
                                                if getattr(model, k) is not None}, model.config)
+    _iplap_checkpoint(ckpts / build.IPLAP_CHECKPOINT, tmp / "iplap_pth")
     yaml = tmp / "extra_model_paths.yaml"
     yaml.write_text(f"talkformer_test:\n    base_path: {tmp / 'extra_models'}\n    talkformer: talkformer\n")
     # inputs: a synthetic talking clip (template) and different, longer synthetic speech (driving)
@@ -98,6 +97,10 @@ def server(tmp_path_factory):
     rng = np.random.default_rng(1)
     speech = synthesize_audio(phoneme_sequence(AUDIO_SECONDS, rng), AUDIO_SECONDS, rng)
     sf.write(inputs / "speech.wav", speech, 16000)
+    speech2 = synthesize_audio(phoneme_sequence(AUDIO_SECONDS, rng), AUDIO_SECONDS, rng)
+    sf.write(inputs / "speech2.wav", speech2, 16000)
+    person = make_clip(astronaut(), seed=5, duration=PERSON_SECONDS, fps=FPS, frame_size=FRAME)
+    write_clip(person, inputs / "person.mp4")
 
     port = _free_port()
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
@@ -129,6 +132,22 @@ def server(tmp_path_factory):
         log.close()
 
 
+def _iplap_checkpoint(out: Path, work: Path) -> None:
+    """A random-weight IP-LAP checkpoint in IP-LAP's layout, converted as a user converts theirs."""
+    import torch
+
+    from talkformer_core.config import LandmarkConfig
+    from talkformer_core.convert import convert_iplap
+    from talkformer_core.models.iplap_renderer import IPLAPRenderer
+    from talkformer_core.models.landmark_completion import LandmarkCompletion
+
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    for name, net in (("lg.pth", LandmarkCompletion(LandmarkConfig())), ("rd.pth", IPLAPRenderer())):
+        torch.save({"state_dict": net.state_dict()}, work / name)
+    convert_iplap(work / "lg.pth", out, work / "rd.pth")
+
+
 def test_server_lists_our_nodes_and_checkpoint(server):
     url, base, inputs, build, log = server
     text = log.read_text()
@@ -139,7 +158,9 @@ def test_server_lists_our_nodes_and_checkpoint(server):
         assert name in info, f"/object_info lacks {name}"
         got = {k: v for k, v in info[name].items() if k not in ("python_module", "deprecated", "experimental")}
         if name == "TalkFormerModelLoader":  # the combo lists the live models folder
-            assert got["input"]["required"]["ckpt_name"][0] == [build.CHECKPOINT]
+            # the live folders: the test's models (tiny TalkFormer, random IP-LAP) and the pack's own
+            # checkpoints/ (the smoke-test model, listed with no copying; same name as the tiny one)
+            assert got["input"]["required"]["ckpt_name"][0] == sorted([build.CHECKPOINT, build.IPLAP_CHECKPOINT])
             got["input"]["required"]["ckpt_name"][0] = expected["input"]["required"]["ckpt_name"][0]
         for section in ("required", "optional"):  # other combos over models/talkformer (e.g. the
             for key, spec in got["input"].get(section, {}).items():  # trainer's IP-LAP file) list it live
@@ -149,6 +170,7 @@ def test_server_lists_our_nodes_and_checkpoint(server):
                     spec[0] = want[0]
         assert got == expected, name
     assert build.CHECKPOINT in _get(url + "/models/talkformer")
+    assert (base / "models" / "talkformer").is_dir()  # created at start: users see where models go
 
 
 def _probe(path: Path):
@@ -161,17 +183,24 @@ def _probe(path: Path):
         return n, v.codec_context.width, v.codec_context.height, has_audio
 
 
-@pytest.mark.parametrize("api", API_PARAMS, ids=lambda p: p.name.removesuffix(".api.json"))
-def test_every_api_workflow_runs(server, api: Path, tmp_path: Path):
+def _run(server, api: Path, out: Path, video: str = "template.mp4", audio: str = "speech.wav", extra=()):
     url, base, inputs, build, log = server
     run_api = _load(WF / "run_api.py", "tf_run_api_it")
-    steps = [f"{i}.steps=2" for i, n in json.loads(api.read_text()).items() if "steps" in n["inputs"]]
+    prompt = json.loads(api.read_text())
+    sets = [f"{i}.steps=2" for i, n in prompt.items() if "steps" in n["inputs"]]
+    sets += [f"{i}.{kv}" for i, n in prompt.items() for kv in FAST.get(api.name, []) if kv.split("=")[0] in n["inputs"]]
     try:
-        files = run_api.run(url, api, inputs=[f"video={inputs / 'template.mp4'}", f"audio={inputs / 'speech.wav'}"],
-                            sets=steps, out=tmp_path, timeout=900,
-                            include_temp=True, verbose=False)
+        return run_api.run(url, api, inputs=[f"video={inputs / video}", f"audio={inputs / audio}"],
+                           sets=sets + list(extra), out=out, timeout=900, include_temp=True, verbose=False)
     except run_api.ComfyError as e:
         pytest.fail(f"{api.name}: {e}\n--- server log ---\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.parametrize("api", API_FILES, ids=lambda p: p.name.removesuffix(".api.json"))
+def test_every_api_workflow_runs(server, api: Path, tmp_path: Path):
+    url, base, inputs, build, log = server
+    person = api.name.startswith("finetune")
+    files = _run(server, api, tmp_path, video="person.mp4" if person else "template.mp4")
     videos = [f for f in files if f.suffix == ".mp4"]
     assert len(videos) == 1, files
     frames, w, h, has_audio = _probe(videos[0])
@@ -183,23 +212,52 @@ def test_every_api_workflow_runs(server, api: Path, tmp_path: Path):
     if api.name.startswith("stage_by_stage"):
         previews = sum(1 for n in json.loads(api.read_text()).values() if n["class_type"] == "PreviewImage")
         assert len(pngs) == previews * expected
-    else:
+    elif not person:  # the trainer's progress previews are its own
         assert not pngs
 
 
+def test_flagship_trains_once_for_two_audios(server, tmp_path: Path):
+    """Train on the person's video, lip-sync new audio; the second audio reuses the saved model: no
+    training step runs. The second prompt also flips ``resume`` (not part of the training key), so
+    ComfyUI's own node cache cannot be what skips the training."""
+    url, base, inputs, build, log = server
+    api = WF / "finetune_then_lipsync.api.json"
+    trainer = next(i for i, n in json.loads(api.read_text()).items() if n["class_type"] == "TalkFormerTrainOnVideo")
+    first = _run(server, api, tmp_path / "a", video="person.mp4", extra=[f"{trainer}.name=flagship"])
+    before = log.read_text().count("[finetune] stage talkformer")
+    second = _run(server, api, tmp_path / "b", video="person.mp4", audio="speech2.wav",
+                  extra=[f"{trainer}.name=flagship", f"{trainer}.resume=false"])
+    text = log.read_text()
+    assert text.count("[finetune] stage talkformer") == before  # no training in the second run
+    assert "trained on this clip with these settings: using it (no training)" in text
+    a = [f for f in first if f.suffix == ".mp4"][0]
+    b = [f for f in second if f.suffix == ".mp4"][0]
+    assert _probe(a)[0] == _probe(b)[0] and a.read_bytes() != b.read_bytes()  # other audio, other video
+
+
 def test_ui_workflows_load_in_the_real_frontend(server, tmp_path: Path):
-    loader = os.environ.get("TALKFORMER_UITEST")
-    if not loader or not shutil.which("node"):
-        pytest.skip("set TALKFORMER_UITEST to load_workflow.js (headless chromium + playwright-core)")
+    """Every UI workflow in the real frontend (headless Chromium, 1400x900): no missing node types, the
+    prompt Run would send equals our API twin, and every node is in the window below the tab strip."""
+    pw = os.environ.get("PLAYWRIGHT_CORE")
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not pw or not shutil.which("node") or not Path(chromium).exists():
+        pytest.skip("set PLAYWRIGHT_CORE to an installed playwright-core (npm) and install Debian's chromium")
     url, *_ = server
     ui_files = sorted(p for p in WF.glob("*.json") if not p.name.endswith(".api.json"))
-    r = subprocess.run(["node", loader, "--url", url, "--out-dir", str(tmp_path), *map(str, ui_files)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(["node", str(ROOT / "tests" / "ui" / "load_workflow.js"), "--url", url, "--out-dir",
+                        str(tmp_path), "--chromium", chromium, *map(str, ui_files)],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "PLAYWRIGHT_CORE": pw})
     results = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(results) == len(ui_files) and r.returncode == 0, r.stdout + r.stderr[-2000:]
     for res in results:
         assert res["ok"] and not res["missing_types"], res
+        assert res["tab_strip_bottom"] > 0 and not res["outside_window"], res
         stem = Path(res["file"]).stem
         fe = json.loads((tmp_path / f"{stem}.api.json").read_text())
         twin = json.loads((WF / f"{stem}.api.json").read_text())
         assert fe == twin, stem
+    shots = os.environ.get("TALKFORMER_UI_SHOTS")  # keep the screenshots to look at
+    if shots:
+        Path(shots).mkdir(parents=True, exist_ok=True)
+        for png in tmp_path.glob("*.png"):
+            shutil.copy(png, Path(shots) / png.name)

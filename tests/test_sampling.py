@@ -279,3 +279,41 @@ def test_temporal_attention_in_batch_pieces_is_exact(monkeypatch):
     whole = att(x, 5, motion)
     monkeypatch.setattr(TFM, "SDPA_MAX_BATCH", 7)
     assert torch.equal(att(x, 5, motion), whole)
+
+
+def test_prefetched_keeps_order_and_raises_where_taken():
+    seen = []
+
+    def fn(i):
+        seen.append(i)
+        if i == 3:
+            raise ValueError("bad chunk 3")
+        return i * i
+
+    for enabled in (False, True):
+        seen.clear()
+        got = []
+        with pytest.raises(ValueError, match="bad chunk 3"):
+            for v in P.prefetched(fn, list(range(6)), enabled):
+                got.append(v)
+        assert got == [0, 1, 4]
+        assert seen[:4] == [0, 1, 2, 3] and len(seen) <= 5  # at most one item read ahead
+    assert list(P.prefetched(fn, [], True)) == []
+
+
+def test_lipsync_with_prefetch_writes_the_same_video(tmp_path):
+    from pipeline_helpers import synthetic_clip, write_video, write_wav
+    from talkformer_core.video import iter_frames
+
+    clip = synthetic_clip(0, 1.2, 256)
+    video = write_video(tmp_path / "clip.mp4", clip.frames, clip.audio)
+    wav = write_wav(tmp_path / "a.wav", np.concatenate([clip.audio, clip.audio[:8000]]))  # pingpong: a backward run
+    model = P.load_model(Path(__file__).resolve().parents[1] / "checkpoints" / "demo_astronaut.safetensors")
+    outs = []
+    for prefetch in (False, True):
+        out = tmp_path / f"out{int(prefetch)}.mp4"
+        P.lipsync(video, wav, model, out, P.SyncOptions(steps=2, watermark=False, chunk_size=7, crf=12,
+                                                        prefetch=prefetch))
+        outs.append(np.stack(list(iter_frames(out))))
+    assert len(outs[0]) == 43  # 1.7 s of audio at 25 fps, over 30 template frames (pingpong)
+    np.testing.assert_array_equal(outs[0], outs[1])

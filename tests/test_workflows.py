@@ -249,3 +249,19 @@ def test_run_api_unreachable_server_is_a_clear_error(tmp_path: Path):
     r = subprocess.run([sys.executable, str(WF / "run_api.py"), "http://127.0.0.1:9", str(WF / "lipsync_video.api.json"),
                         "--out", str(tmp_path), "--timeout", "5"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "cannot reach ComfyUI" in r.stderr
+
+
+def test_every_workflow_opens_readable_inside_a_1400x900_window():
+    """The saved view shows every node (title bars included) inside 1400x900 below the tab strip, at
+    a zoom where the frontend still draws text."""
+    build = build_workflows
+    for path in UI_FILES:
+        ui = json.loads(path.read_text())
+        ds = ui["extra"]["ds"]
+        assert ds["scale"] >= build.VIEW_MIN_SCALE, (path.name, ds)
+        sx = lambda v: (v + ds["offset"][0]) * ds["scale"]  # noqa: E731
+        sy = lambda v: (v + ds["offset"][1]) * ds["scale"]  # noqa: E731
+        for n in ui["nodes"]:
+            x0, y0 = sx(n["pos"][0]), sy(n["pos"][1] - build.TITLE_H)
+            x1, y1 = sx(n["pos"][0] + n["size"][0]), sy(n["pos"][1] + n["size"][1])
+            assert x0 >= 0 and y0 >= build.VIEW_TOP - 1 and x1 <= build.VIEW_W and y1 <= build.VIEW_H, (path.name, n["type"])

@@ -154,8 +154,10 @@ class Graph:
     links: list[tuple[int, str, int, str]]  # (from node, output name, to node, input name)
 
 
-NOTE = """## TalkFormer lip-sync
-1. Put a TalkFormer checkpoint in `models/talkformer/` (e.g. `{ckpt}`) and pick it in **Load TalkFormer Model**.
+NOTE = """## TalkFormer lip-sync, stage by stage
+Opens on `{ckpt}`: the **smoke-test** model (one synthetic face, 32 px; on a real person it gives a blurred
+box). For a real result train your person with `finetune_then_lipsync.json` and pick that model here.
+1. Pick a checkpoint from `models/talkformer/` in **Load TalkFormer Model**.
 2. **Template video**: a video of one person talking (LoadVideo); **Driving audio**: the new speech.
 3. Queue. Match Length fits the frames to the audio (pingpong / loop / trim); the face is tracked,
    lips and jaw landmarks are predicted from the audio, the lower face is re-synthesised and blended back.
@@ -163,7 +165,8 @@ Steps: 25 is a good trade (the paper used 200 DDIM steps)."""
 
 
 def _core_chain(upscale: bool = False, previews: bool = False) -> tuple[list[N], list[tuple]]:
-    x = [0, 380, 760, 1140, 1520, 1900, 2280, 2660]
+    # 6 columns 320 apart, output nodes stacked: the graph opens at a zoom where the frontend draws text
+    x = [0, 320, 640, 960, 1280, 1600]
     nodes = [
         N(1, "LoadVideo", (x[0], 0), {"file": TEMPLATE_VIDEO}, title="Template video", size=(300, 380)),
         N(2, "LoadAudio", (x[0], 430), {"audio": DRIVING_AUDIO}, title="Driving audio", size=(300, 140)),
@@ -175,9 +178,9 @@ def _core_chain(upscale: bool = False, previews: bool = False) -> tuple[list[N],
         N(8, "TalkFormerEncodeReference", (x[3], 0), {"frame_index": -1}),
         N(9, "TalkFormerCompleteLandmarks", (x[3], 300)),
         N(10, "TalkFormerSampler", (x[4], 0), {"steps": 25, "sampler": "ddim", "seed": 0, "eta": 0.0}),
-        N(11, "TalkFormerBlendFace", (x[5], 0), {"feather": -1}),
-        N(12, "CreateVideo", (x[6], 0), {"fps": 25.0}),
-        N(13, "SaveVideo", (x[7], 0), {"filename_prefix": "talkformer/lipsync", "format": "auto", "codec": "auto"},
+        N(11, "TalkFormerBlendFace", (x[4], 360), {"feather": -1}),
+        N(12, "CreateVideo", (x[5], 0), {"fps": 25.0}),
+        N(13, "SaveVideo", (x[5], 170), {"filename_prefix": "talkformer/lipsync", "format": "auto", "codec": "auto"},
           size=(300, 400)),
         N(14, "MarkdownNote", (x[0], 820), {"text": NOTE.format(ckpt=CHECKPOINT)}, title="Read me", size=(520, 260)),
     ]
@@ -195,7 +198,7 @@ def _core_chain(upscale: bool = False, previews: bool = False) -> tuple[list[N],
         (12, "VIDEO", 13, "video"),
     ]
     if upscale:
-        nodes.append(N(15, "ImageScaleBy", (x[5], 260), {"upscale_method": "lanczos", "scale_by": 2.0},
+        nodes.append(N(15, "ImageScaleBy", (x[4], 560), {"upscale_method": "lanczos", "scale_by": 2.0},
                        title="Upscale (lanczos x2)"))
         links += [(11, "images", 15, "image"), (15, "IMAGE", 12, "images")]
         nodes[-2].widgets["text"] += "\n\nThis variant upscales the result 2x (ImageScaleBy, lanczos) before encoding."
@@ -204,9 +207,8 @@ def _core_chain(upscale: bool = False, previews: bool = False) -> tuple[list[N],
     if previews:
         links.append((5, "images", 9, "images"))  # Complete Landmarks draws its preview on the crops
         for nid, (src, out) in enumerate([(7, "preview"), (9, "preview"), (10, "face_crops"), (11, "images")], start=20):
-            y = {7: 560, 9: 620, 10: 400, 11: 400}[src]
-            xx = {7: x[2], 9: x[3], 10: x[4], 11: x[5]}[src]
-            nodes.append(N(nid, "PreviewImage", (xx, y + 300 if src in (7, 9) else y), size=(320, 300),
+            xx, y = {7: (x[2], 560), 9: (x[3], 560), 10: (x[4], 560), 11: (x[5], 620)}[src]
+            nodes.append(N(nid, "PreviewImage", (xx, y), size=(300, 300),
                            title={7: "Face track", 9: "Predicted landmarks", 10: "Generated faces",
                                   11: "Blended frames"}[src]))
             links.append((src, out, nid, "images"))
@@ -214,7 +216,9 @@ def _core_chain(upscale: bool = False, previews: bool = False) -> tuple[list[N],
 
 
 LONG_NOTE = """## TalkFormer lip-sync, long videos (one node, streaming)
-1. Put a TalkFormer checkpoint in `models/talkformer/` (e.g. `{ckpt}`) and pick it in **Load TalkFormer Model**.
+Opens on `{ckpt}`: the **smoke-test** model (one synthetic face, 32 px; on a real person it gives a blurred
+box). For a real result train your person with `finetune_then_lipsync.json` and pick that model here.
+1. Pick a checkpoint from `models/talkformer/` in **Load TalkFormer Model**.
 2. **Template video**: a video of one person talking (Load Video); **Driving audio**: the new speech
    (disconnect it to re-sync the video to its own audio track).
 3. Queue. **TalkFormer Lip Sync (Video)** reads the video from its file and writes the result chunk by
@@ -261,15 +265,17 @@ def _iplap_chain() -> tuple[list[N], list[tuple]]:
     return nodes, links
 
 
-FINETUNE_NOTE = """## Train on a person's video, then lip-sync it to new audio
+FINETUNE_NOTE = """## Your person, your new audio (start here)
 1. **Person video**: 5-10 s (or more) of ONE person talking, with its audio (Load Video).
-2. **Train TalkFormer on Video** trains a model of that person within `budget_minutes` (30 min fits a
-   5-10 s clip on a small CPU; a GPU does far more in the same time) and saves
-   `models/talkformer/<name>.safetensors`. Cancel keeps a checkpoint; queue again with `resume` on.
-   Optional: connect your Stable Diffusion VAE (Load VAE) to skip the autoencoder stage, or pick IP-LAP
-   weights converted by `talkformer_core.convert` to start the landmark module from them.
-3. **New speech** drives **TalkFormer Lip Sync (Video)** on the same video with the trained model.
-Next time, load the saved model with Load TalkFormer Model instead of training again."""
+2. **New speech**: the audio the person should say (Load Audio).
+3. Queue. **Train TalkFormer on Video** trains a model of that person within `budget_minutes` (30 min fits
+   a 5-10 s clip on a small CPU; a GPU does far more in the same time) and saves
+   `models/talkformer/<name>.safetensors`; **TalkFormer Lip Sync (Video)** then dubs the video.
+4. New audio for the same person: change only **New speech** and queue again. The model of this video
+   with these settings exists, so training is skipped and sampling starts at once.
+Cancel keeps a checkpoint; queue again with `resume` on to continue. Optional: your Stable Diffusion VAE
+(Load VAE) skips the autoencoder stage; IP-LAP weights converted by `talkformer_core.convert` start the
+landmark module. `max_steps` > 0 caps training by steps instead of time."""
 
 
 def _finetune_chain() -> tuple[list[N], list[tuple]]:
@@ -279,7 +285,7 @@ def _finetune_chain() -> tuple[list[N], list[tuple]]:
         N(2, "LoadAudio", (0, 430), {"audio": DRIVING_AUDIO}, title="New speech", size=(300, 140)),
         N(3, "TalkFormerTrainOnVideo", (380, 0),
           {"name": "person", "budget_minutes": 30.0, "preset": "cpu64", "resume": True, "holdout": 0.0,
-           "fps": 25.0, "iplap_checkpoint": "none"}),
+           "fps": 25.0, "max_steps": 0, "iplap_checkpoint": "none"}),
         N(4, "TalkFormerLipSyncVideo", (780, 0),
           {"steps": 25, "sampler": "ddim", "seed": 0, "length_mode": "pingpong", "face_index": -1,
            "reference_frame": -1, "feather": -1, "watermark": True}),
@@ -307,8 +313,8 @@ def graphs() -> list[Graph]:
         Graph("stage_by_stage", "Every stage's preview wired to PreviewImage.", n_c, l_c),
         Graph("iplap_lipsync", "Template video + driving audio -> lip-synced video with IP-LAP's published "
               "weights (converted by talkformer_core.convert), streaming.", *_iplap_chain()),
-        Graph("finetune_then_lipsync", "Train a person-specific model on their video, then lip-sync that "
-              "video to new audio.", *_finetune_chain()),
+        Graph("finetune_then_lipsync", "Start here: train a model of the person in a video (once per video and "
+              "settings), then lip-sync that video to new audio.", *_finetune_chain()),
     ]
 
 
@@ -461,11 +467,30 @@ def build(g: Graph, infos: dict[str, dict]) -> tuple[dict, dict]:
                   for r in resolved],
         "groups": [],
         "config": {},
-        "extra": {"ds": {"scale": 0.6, "offset": [40, 60]}, "frontendVersion": FRONTEND_VERSION,
+        "extra": {"ds": fit_view(ui_nodes), "frontendVersion": FRONTEND_VERSION,
                   "info": {"name": g.name, "description": g.description}},
         "version": 0.4,
     }
     return ui, api
+
+
+# The window a workflow must fit when it is opened: a 1400x900 browser window, below the frontend's
+# menu and tab strip (about 90 px in frontend 1.27), with a margin.
+VIEW_W, VIEW_H, VIEW_TOP, VIEW_MARGIN, VIEW_MAX_SCALE = 1400, 900, 100, 20, 0.8
+VIEW_MIN_SCALE = 0.6  # below it the frontend (1.27) draws nodes without text (low-quality mode)
+TITLE_H = 30  # a node's title bar is drawn above its pos
+
+
+def fit_view(ui_nodes: list[dict]) -> dict:
+    """The canvas transform (LiteGraph DragAndScale: screen = (pos + offset) * scale) that shows every
+    node, title bars included, inside the window below the tab strip."""
+    x0 = min(n["pos"][0] for n in ui_nodes)
+    y0 = min(n["pos"][1] for n in ui_nodes) - TITLE_H
+    x1 = max(n["pos"][0] + n["size"][0] for n in ui_nodes)
+    y1 = max(n["pos"][1] + n["size"][1] for n in ui_nodes)
+    scale = min(VIEW_MAX_SCALE, (VIEW_W - 2 * VIEW_MARGIN) / (x1 - x0), (VIEW_H - VIEW_TOP - VIEW_MARGIN) / (y1 - y0))
+    scale = float(f"{scale:.3f}")
+    return {"scale": scale, "offset": [round(VIEW_MARGIN / scale - x0, 1), round(VIEW_TOP / scale - y0, 1)]}
 
 
 def _input_index(ui_nodes: list[dict], node_id: int, name: str) -> int:
