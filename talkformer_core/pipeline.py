@@ -537,7 +537,7 @@ class SyncOptions:
     length_mode: str = "pingpong"  # pingpong | loop | trim
     feather: int | None = None  # crop pixels; None = face.blend.default_feather
     batch_size: int | None = None  # frames denoised together; None = sampling.auto_batch_size (8 on the CPU)
-    chunk_size: int = 32  # frames held in memory at once in pass 2
+    chunk_size: int | None = None  # frames held in memory at once in pass 2; None = auto_chunk_size
     watermark: bool = True  # invisible rivaGan mark in the face box (provenance.py)
     crf: int = 18
     num_references: int | None = None  # N; None = the config's
@@ -582,6 +582,22 @@ def _check_image_array(a: Any) -> np.ndarray:
     if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
         raise InputError(f"template image: expected uint8 (H, W, 3) RGB, got {a.dtype} {a.shape}")
     return a
+
+
+CPU_CHUNK = 32  # lipsync's frames per chunk on the CPU (every recorded CPU number used it)
+
+
+def auto_chunk_size(model: LoadedModel, batch_size: int, frame_size: tuple[int, int],
+                    frame_budget: int = 2 ** 30) -> int:
+    """Frames lipsync holds per chunk: ``CPU_CHUNK`` on the CPU; on a GPU enough for full sampler
+    batches (4 batches with temporal attention, so its parallel chains fill a batch,
+    sampling.FaceSampler), at most ``frame_budget`` bytes of decoded frames, at least CPU_CHUNK."""
+    if model.device.type == "cpu":
+        return CPU_CHUNK
+    temporal = model.kind == "talkformer" and bool(model.config.model.temporal_attention)
+    want = int(batch_size) * (4 if temporal else 1)
+    h, w = frame_size
+    return max(CPU_CHUNK, min(want, int(frame_budget // max(1, 3 * int(h) * int(w)))))
 
 
 def runs(plan: np.ndarray, max_len: int) -> list[tuple[int, int, int]]:
@@ -677,7 +693,7 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
     get_sampler(opt.sampler)
     if int(opt.steps) < 1:
         raise InputError(f"steps {opt.steps}: expected >= 1")
-    if (opt.batch_size is not None and opt.batch_size < 1) or opt.chunk_size < 1:
+    if (opt.batch_size is not None and opt.batch_size < 1) or (opt.chunk_size is not None and opt.chunk_size < 1):
         raise InputError(f"batch_size and chunk_size must be >= 1, got {opt.batch_size}, {opt.chunk_size}")
     if out_path.suffix.lower() not in ("", ".mp4", ".m4v", ".mov", ".mkv"):
         raise InputError(f"{out_path}: expected an .mp4 output path")
@@ -754,7 +770,8 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
     sign = credentials.finalizer(out_path.name) if credentials is not None else None
     with VideoWriter(out_path, FPS, audio=aud.waveform, audio_rate=aud.sample_rate, crf=opt.crf,
                      metadata=metadata, finalize=sign) as writer:
-        chunks = runs(plan, opt.chunk_size)
+        chunks = runs(plan, opt.chunk_size or auto_chunk_size(model, bs if frame_renderer is None else 1,
+                                                               analysis.frame_size))
         ahead = model.device.type != "cpu" if opt.prefetch is None else bool(opt.prefetch)
         for (k0, k1, step), frames in zip(chunks, prefetched(lambda c: _chunk_frames(video, image, plan, c),
                                                              chunks, ahead)):

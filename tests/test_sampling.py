@@ -317,3 +317,15 @@ def test_lipsync_with_prefetch_writes_the_same_video(tmp_path):
         outs.append(np.stack(list(iter_frames(out))))
     assert len(outs[0]) == 43  # 1.7 s of audio at 25 fps, over 30 template frames (pingpong)
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_auto_chunk_size():
+    m = loaded(False)
+    assert P.auto_chunk_size(m, 8, (1080, 1920)) == P.CPU_CHUNK == 32  # the CPU keeps its recorded chunks
+    gpu = P.LoadedModel("talkformer", m.config, None, None, torch.device("cuda"), torch.bfloat16)
+    assert P.auto_chunk_size(gpu, 104, (1080, 1920)) == 104  # a whole sampler batch per chunk
+    assert P.auto_chunk_size(gpu, 8, (512, 512)) == 32
+    mt = loaded(True)
+    gpu_t = P.LoadedModel("talkformer", mt.config, None, None, torch.device("cuda"), torch.bfloat16)
+    assert P.auto_chunk_size(gpu_t, 100, (256, 256)) == 400  # 4 batches: parallel chains fill a batch
+    assert P.auto_chunk_size(gpu_t, 100, (1080, 1920)) == 2 ** 30 // (3 * 1080 * 1920)  # 1 GiB of frames
