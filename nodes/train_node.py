@@ -13,6 +13,7 @@ work files.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -180,7 +181,8 @@ class TrainTalkFormerOnVideo:
                         "init_landmarks": None if init is None else file_sha256(init)}
             key, run_key = training_keys(clip_sha, settings)
             if stored_key(out) == key:  # this clip, these settings: the model exists already
-                print(f"[TalkFormer] {out} was trained on this clip with these settings: using it (no training)")
+                logging.getLogger("talkformer").info(
+                    f"[TalkFormer] {out} was trained on this clip with these settings: using it (no training)")
                 return self._loaded(out, vae)
 
             run_file = work_parent / "run_key.txt"
