@@ -1,8 +1,8 @@
 """Provenance marks: cost and robustness on real clips (docs/provenance.md).
 
-    OMP_NUM_THREADS=1 python bench/bench_provenance.py [CLIP.mp4 ...] [--frames 24]
+    OMP_NUM_THREADS=1 python bench/bench_provenance.py CLIP.mp4 [...] [--frames 24]
 
-For each clip (default: every mp4 in ../shared/media beside the checkout): the face track of the
+For each clip (or every mp4 in the folder $TALKFORMER_MEDIA when none is given): the face track of the
 first ``--frames`` frames (25 fps), then
   - marking cost per frame: ``embed_region`` one frame at a time vs ``embed_regions`` (batches of
     provenance.MARK_BATCH, as Blend Face and the pipeline run it);
@@ -15,6 +15,7 @@ Timings are wall clock on whatever machine runs it; they only report.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -38,7 +39,9 @@ def main() -> None:
     from talkformer_core.pipeline import analyze_frames
     from talkformer_core.video import VideoWriter, iter_frames
 
-    clips = [Path(c) for c in a.clips] or sorted((ROOT.parent / "shared" / "media").glob("*.mp4"))
+    clips = [Path(c) for c in a.clips] or sorted(Path(os.environ.get("TALKFORMER_MEDIA", ".")).glob("*.mp4"))
+    if not clips:
+        sys.exit("no clips: give mp4 paths or set TALKFORMER_MEDIA to a folder of them")
     wm = pv.Watermarker().load()
     tmp = Path(tempfile.mkdtemp(prefix="bench_prov_"))
     creds = None

@@ -257,6 +257,8 @@ def read_credentials(path: str | Path, trust_anchors: str | Path | None = None) 
         reader = c2pa.Reader(str(path), context=ctx) if ctx is not None else c2pa.Reader(str(path))
     except c2pa.C2paError.ManifestNotFound:
         return CredentialsReport("absent", "no C2PA manifest in the file")
+    except c2pa.C2paError.NotSupported as e:  # e.g. a container c2pa cannot read (.mkv, .avi)
+        return CredentialsReport("not checked", f"c2pa does not read this file type ({e})")
     except c2pa.C2paError as e:
         return CredentialsReport("invalid", f"the C2PA data could not be read: {e}")
     with reader:

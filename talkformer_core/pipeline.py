@@ -720,6 +720,8 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
     from .content_credentials import load_credentials
 
     credentials = load_credentials(opt.c2pa_cert, opt.c2pa_key)  # bad cert / key: an error now
+    if credentials is not None and out_path.suffix.lower() not in ("", ".mp4", ".m4v"):
+        raise InputError(f"{out_path}: C2PA content credentials are signed into .mp4 files only")
     warn: list[str] = []
 
     # ---- pass 1: face analysis (streamed; landmarks only)

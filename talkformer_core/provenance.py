@@ -8,8 +8,8 @@ about 0.5-0.9 s to embed and 0.6-0.8 s to decode a 256x256 image, so we mark the
 region, not the frame: the square face box of the output frame (clipped to the frame) is resized
 to ``MARK_SIZE`` = 256 (the library's own minimum is 256x256 pixels), marked, and the mark's
 residual (marked - unmarked, float) is resized back to the box and added to the frame, times
-``STRENGTH``. Measured on the three shared clips (24 frames each, box 320-412 px): strength 1.0
-keeps 99.6 % of bits per frame at crf 18 but only 84 % at crf 28; 1.5 keeps 100 % at crf 18 and
+``STRENGTH``. Measured on three real clips (24 frames each, box 320-412 px; docs/provenance.md):
+strength 1.0 keeps 99.6 % of bits per frame at crf 18 but only 84 % at crf 28; 1.5 keeps 100 % at crf 18 and
 94-97 % per frame / 97-100 % voted at crf 28, at PSNR 39.3 dB inside the box (41-46 dB over the frame).
 
 The library truncates the marked image to uint8 and thresholds the decoder's logits; we use its

@@ -234,3 +234,15 @@ def test_comfyui_save_video_keeps_the_tag_and_drops_c2pa(tmp_path, chain, small_
     tags = read_tags(saved)
     assert tags["comment"] == pv.generator_tag(False) and "prompt" in tags
     assert cc.read_credentials(saved).status == "absent"
+
+
+def test_lipsync_refuses_credentials_for_a_non_mp4_output_before_work(tmp_path, chain):
+    from talkformer_core import pipeline as P
+
+    clip = synthetic_clip(1, 0.8, 128)
+    video = write_video(tmp_path / "t.mp4", clip.frames[:10])
+    audio = write_wav(tmp_path / "a.wav", clip.audio[:6400])  # 0.4 s
+    opts = P.SyncOptions(steps=1, c2pa_cert=str(chain["chain"]), c2pa_key=str(chain["key"]))
+    with pytest.raises(InputError, match=r"out\.mkv: C2PA .* \.mp4 files only"):
+        P.lipsync(video, audio, save_tiny_checkpoint(tmp_path / "tiny.safetensors"), tmp_path / "out.mkv", opts)
+    assert not (tmp_path / "out.mkv").exists()
