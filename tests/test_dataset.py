@@ -44,8 +44,11 @@ def test_sample_shapes_and_frames(shards):
     assert all(torch.equal(v, ds[(3, 1)][k]) for k, v in s.items())
     assert not torch.equal(ds[(3, 2)]["ref_landmarks"], s["ref_landmarks"]) or \
         not torch.equal(ds[(3, 2)]["reference"], s["reference"])
-    # references are frames outside the window, inside the training part
-    z = np.load(next(Path(shards).glob("*.npz")))
+    # references are frames outside the window, inside the training part (in stage 1's stable box,
+    # whose constants come from the training part's frames)
+    from talkformer_core.data.dataset import stage1_box_frame
+
+    z = stage1_box_frame(dict(np.load(next(Path(shards).glob("*.npz")))), 0, 32)
     win = set(s["frame_index"].tolist())
     allowed = [t for t in range(0, 32) if t not in win]
     ref_ids = [int(np.argmin(np.abs(z["points131_box"][allowed] - r.numpy()).sum((1, 2)))) for r in s["ref_landmarks"]]
@@ -83,3 +86,27 @@ def test_found_false_frames_are_never_targets(shards, tmp_path):
     for i in range(len(ds)):
         assert 10 not in ds.windows[i][1] + np.arange(5)
     assert len(ds) == 40 - 5 + 1 - 5
+
+
+def test_stage1_box_ignores_the_jaw_and_matches_iplap_on_a_typical_frame(shards):
+    """The stable box: pose points' box-frame coordinates do not move when only the jaw moves, and
+    on the median frame the box is IP-LAP's per-frame box (so IP-LAP-trained weights still fit)."""
+    from talkformer_core.face import topology
+
+    z = dict(np.load(next(Path(shards).glob("*.npz"))))
+    px = z["points131_px"].astype(np.float64)
+    H, W = (int(v) for v in z["frame_size"])
+    stable = topology.stable_landmark_boxes(px, W, H)
+    iplap = z["landmark_boxes"]
+    # the same box up to a few percent of its size on a typical frame
+    rel = np.median(np.abs(stable - iplap), 0) / np.median(iplap[:, 2:] - iplap[:, :2], 0).repeat(2)
+    assert rel.max() < 0.03, rel
+    # open the jaw of frame 0 (chin and lips 3 px down): IP-LAP's box grows, the stable box does not
+    moved = px.copy()
+    moved[0, list(topology.JAW_POS) + list(topology.LIP_POS), 1] += 3.0
+    assert topology.landmark_box(moved[0], W, H)[3] >= topology.landmark_box(px[0], W, H)[3] + 2
+    s2 = topology.stable_landmark_boxes(moved, W, H, valid=np.arange(len(px)) > 0)
+    s1 = topology.stable_landmark_boxes(px, W, H, valid=np.arange(len(px)) > 0)
+    np.testing.assert_allclose(s2, s1)
+    pose = list(topology.POSE_POS)
+    np.testing.assert_allclose(topology.normalize(moved[0], s2[0])[pose], topology.normalize(px[0], s1[0])[pose])

@@ -75,7 +75,8 @@ def test_complete_landmarks_windows(env):
     out = P.complete_landmarks(model, a, aud, plan)
     assert out.shape == (13, 131, 2) and np.isfinite(out).all()
     pose = list(topology.POSE_POS)
-    np.testing.assert_array_equal(out[:, pose], a.points_box(plan)[:, pose])  # pose copied through
+    box = model.config.model.landmark_box  # stage 1's box frame (the stable one by default)
+    np.testing.assert_array_equal(out[:, pose], a.points_box(plan, box)[:, pose])  # pose copied through
     # non-overlapping windows of L = 5: the first two windows do not depend on what follows
     first10 = P.complete_landmarks(model, a, aud, plan[:10])
     np.testing.assert_allclose(first10, out[:10], atol=1e-6)
@@ -101,7 +102,8 @@ def test_anchor_mouth_x_moves_predicted_mouth_onto_the_template_lips(env):
         anchored = P.complete_landmarks(model, a, aud, plan)
     finally:
         model.config.model.anchor_mouth_x = False
-    np.testing.assert_allclose(anchored[:, lips, 0].mean(1), a.points_box(plan)[:, lips, 0].mean(1), atol=1e-5)
+    np.testing.assert_allclose(anchored[:, lips, 0].mean(1),
+                               a.points_box(plan, model.config.model.landmark_box)[:, lips, 0].mean(1), atol=1e-5)
     dx = anchored[:, content, 0] - plain[:, content, 0]  # (T, 57): one shift per frame
     np.testing.assert_allclose(dx, np.repeat(dx[:, :1], len(content), 1), atol=1e-5)
     assert np.abs(dx).max() > 1e-4  # the tiny model's mouth was not already there

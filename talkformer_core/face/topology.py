@@ -177,6 +177,68 @@ def landmark_box(p131_px: Any, width: int, height: int, margin: float = 25) -> t
     return x1, y1, x2, y2
 
 
+LANDMARK_BOX_MODES = ("stable", "per_frame")
+# Points rigid with the skull, for stage 1's box: the outer and inner eye corners and the nose
+# (bridge, tip, alar points). Not the face-oval pose points (162, 127, 234, 93, 323, 454, 356, 389):
+# mediapipe's mesh moves them with the jaw (their y relative to the eyes correlates 0.35-0.47 with
+# the mouth opening on the real clips); not the brows (raised while talking) nor the eyelids (blinks).
+EYE_CORNERS: tuple[int, int, int, int] = (33, 133, 362, 263)
+NOSE_LENGTH: tuple[int, int, int] = (168, 48, 278)  # nasion to the midpoint of the alar points
+RIGID: tuple[int, ...] = EYE_CORNERS + (168, 6, 197, 195, 5, 4, 48, 278)
+UPPER_FACE: tuple[int, ...] = tuple(m for m in POSE_74 if m not in (162, 127, 234, 93, 323, 454, 356, 389))
+
+
+def nose_length(points: Any) -> Any:
+    """(..., K, 2), K = 131 (FULL_131) or 478 -> (...): nasion to the alar midpoint, a vertical face
+    length that head yaw leaves alone and that no mouth movement changes."""
+    k = points.shape[-2]
+    n0, n1, n2 = NOSE_LENGTH if k == 478 else (_POS[m] for m in NOSE_LENGTH)
+    d = points[..., n0, :] - 0.5 * (points[..., n1, :] + points[..., n2, :])
+    return (d[..., 0] ** 2 + d[..., 1] ** 2) ** 0.5
+
+
+def stable_landmark_boxes(p131_px: Any, width: int, height: int, valid: Any = None,
+                          margin: float = 25) -> np.ndarray:
+    """Landmark boxes that do not follow the jaw: (T, 131, 2) px -> (T, 4) float (x1, y1, x2, y2).
+
+    IP-LAP's box (``landmark_box``) spans all 131 points, chin included: when the mouth opens the
+    box grows, every pose point's box-frame y moves with it (the pose input then carries the mouth)
+    and the predicted lips are mapped back through a box that follows the template's jaw
+    (docs/design.md, "Stage 1 on new audio"). Here each frame's box is placed and sized by
+    ``RIGID`` points only: centre = their mean, x unit = the outer eye corners' distance, y unit =
+    ``nose_length``; its edges sit at per-clip constants in those units: the medians, over the
+    ``valid`` frames with the most closed mouths (lowest 20 % of the inner-lip gap), of where IP-LAP's
+    box edges (before the margin) were. A closed-mouth frame's box is IP-LAP's box (so weights
+    trained with it still fit); from frame to frame it moves only with the skull; and the constants
+    do not depend on how much the clip's mouth opens (medians over all frames made a template that
+    talks more get a taller box, and every mouth mapped through it 3 % larger). ``margin`` px as ``landmark_box`` on a frame of the clip's median nose length, scaled
+    with the nose elsewhere, so a box-frame shape maps to the same shape in units of the nose on
+    every frame (a fixed pixel margin would make a mouth's size depend on the face's distance);
+    clipped to the image.
+    """
+    p = np.asarray(p131_px, dtype=np.float64)
+    if p.ndim != 3 or p.shape[1:] != (131, 2):
+        raise ValueError(f"stable_landmark_boxes expects (T, 131, 2) landmarks, got shape {p.shape}")
+    ok = np.all(np.isfinite(p), axis=(1, 2))
+    if valid is not None:
+        ok &= np.asarray(valid, bool).reshape(-1)
+    if not ok.any():
+        raise ValueError("stable_landmark_boxes needs at least one frame with finite landmarks")
+    centre = p[:, [_POS[m] for m in RIGID]].mean(axis=1)  # (T, 2)
+    eye = p[:, _POS[EYE_CORNERS[0]]] - p[:, _POS[EYE_CORNERS[3]]]
+    unit = np.stack([np.hypot(eye[:, 0], eye[:, 1]), nose_length(p)], axis=1)  # (T, 2)
+    unit = np.maximum(unit, 1e-6)
+    gap = np.hypot(*(p[:, _POS[13]] - p[:, _POS[14]]).T) / unit[:, 1]
+    closed = ok & (gap <= np.quantile(gap[ok], 0.2))
+    r_lo = np.median(((p.min(axis=1) - centre) / unit)[closed], axis=0)  # (2,) IP-LAP's box edges
+    r_hi = np.median(((p.max(axis=1) - centre) / unit)[closed], axis=0)
+    m = margin * unit[:, 1:] / np.median(unit[ok, 1])  # (T, 1)
+    lo = centre + r_lo * unit - m
+    hi = centre + r_hi * unit + m
+    box = np.concatenate([np.maximum(lo, 0.0), np.minimum(hi, [float(width), float(height)])], axis=1)
+    return np.nan_to_num(box, nan=0.0)
+
+
 def _box_xyxy(box: Any, like: Any) -> tuple[Any, Any, Any, Any]:
     """Split a (..., 4) box into (..., 1) columns that broadcast over (..., K)."""
     b = _as_like(box, like)

@@ -285,8 +285,17 @@ class LandmarkCompletion(LandmarkGenerator):
     """The completion module in our conventions: landmarks ``(..., K, 2)``, 131 points in
     ``FULL_131`` order, all in IP-LAP's per-frame landmark-box frame (docs/architecture.md).
 
-    A subclass, so the state dict keeps IP-LAP's keys with no prefix.
+    A subclass, so the state dict keeps IP-LAP's keys with no prefix. With
+    ``LandmarkConfig.mouth_model`` it also holds ``mouth`` (models.mouth_model, buffers only).
     """
+
+    def __init__(self, cfg: LandmarkConfig | None = None):
+        super().__init__(cfg)
+        self.mouth = None
+        if self.cfg.mouth_model:
+            from .mouth_model import MouthModel
+
+            self.mouth = MouthModel(self.cfg.mouth_shape_modes)
 
     def _check(self, mels: torch.Tensor, pose: torch.Tensor, references: torch.Tensor) -> None:
         B, L = pose.shape[:2]

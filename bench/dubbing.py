@@ -1,0 +1,268 @@
+"""The dubbing protocol on the real clips (docs/dubbing.md): does the mouth follow new audio?
+
+    python bench/dubbing.py [--budget-minutes 30] [--jobs 3] [--threads 1] [--clips A.mp4 ...]
+                            [--work /tmp/talkformer_dubbing] [--out docs/dubbing.md] [--reuse]
+    python bench/dubbing.py --stage1 [--transformer-steps 1500] [--threads 1]
+
+Full mode: for every clip in ../shared/media, ``python -m talkformer_core.finetune --holdout 0.4
+--dubbing`` with the CPU defaults (cpu64, 30 minutes): trained on frames [0, 0.6); the template
+frames [0.8, 1.0) driven by the audio of [0.6, 0.8) (``finetune.dubbing_report``,
+``talkformer_core.eval.dubbing``), each clip in its own process (``--jobs`` at once). Writes the
+dubbing table (stage 1, generated faces, the renderer given the audio's true landmarks, the loudness
+model: correlation of the mouth opening with the new audio's truth and with the template's), the
+silence check, the self-reconstruction table of the same models and the bar's verdicts.
+``--reuse`` rebuilds the page from the JSON reports of an earlier run.
+
+``--stage1``: stage 1 alone, in minutes: the loudness model, the person's mouth model
+(``models.mouth_model``) and the landmark transformer trained alone on the clip's training frames
+for ``--transformer-steps`` (IP-LAP's per-frame box and the stable box), on both directions of the
+held-out part (new audio [0.6, 0.8) on template [0.8, 1.0), and the reverse): the measurements
+behind docs/design.md's choice of stage 1 for person models.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+MEDIA = ROOT.parent / "shared" / "media"
+HOLDOUT = 0.4
+
+
+# ----------------------------------------------------------------------------------------------
+# full mode: finetune + dubbing report per clip
+
+def run_clips(clips: list[Path], work: Path, a: argparse.Namespace) -> dict[str, dict]:
+    work.mkdir(parents=True, exist_ok=True)
+    procs: list[tuple[Path, subprocess.Popen, object]] = []
+    pending, done = list(clips), {}
+    while pending or procs:
+        while pending and len(procs) < a.jobs:
+            c = pending.pop(0)
+            cmd = [sys.executable, "-m", "talkformer_core.finetune", "--video", str(c),
+                   "--out", str(work / f"{c.stem}.safetensors"), "--budget-minutes", str(a.budget_minutes),
+                   "--holdout", str(HOLDOUT), "--dubbing", "--report-json", str(work / f"{c.stem}.json")]
+            if a.threads:
+                cmd += ["--threads", str(a.threads)]
+            log = open(work / f"{c.stem}.log", "w")
+            print("run:", " ".join(cmd), flush=True)
+            procs.append((c, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
+        time.sleep(2)
+        for item in list(procs):
+            c, p, log = item
+            if p.poll() is not None:
+                log.close()
+                procs.remove(item)
+                if p.returncode != 0:
+                    print(f"{c.name}: finetune failed (exit {p.returncode}); see {work / (c.stem + '.log')}")
+                    continue
+                done[c.name] = json.loads((work / f"{c.stem}.json").read_text())
+                print(f"{c.name}: done", flush=True)
+    return done
+
+
+def _f(v, fmt: str = ".3f") -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, fmt)
+
+
+def page(results: dict[str, dict], a: argparse.Namespace) -> str:
+    from talkformer_core.finetune import DUB_ROWS, report_table
+
+    lines = [f"`python bench/dubbing.py --budget-minutes {a.budget_minutes:g} --jobs {a.jobs} --threads {a.threads}`: "
+             "per clip `python -m talkformer_core.finetune --holdout 0.4 --dubbing` (preset cpu64), trained on frames "
+             "[0, 0.6); the template frames [0.8, 1.0) driven by the audio of [0.6, 0.8). Opening = inner-lip gap over "
+             "the nose length (`talkformer_core.eval.dubbing`); generated faces measured by mediapipe on the crops "
+             "at 256 px.", "",
+             "| clip | opening of | corr with the audio's truth ↑ | corr with the template | same, given the audio's "
+             "truth | lip-shape error ↓ |", "|---|---|---|---|---|---|"]
+    for clip, res in results.items():
+        d = res["report"]["dubbing"]
+        for key, name in DUB_ROWS:
+            if key not in d["rows"]:
+                continue
+            r = d["rows"][key]
+            lines.append(f"| {clip} | {name} | {_f(r['corr_audio'])} | {_f(r['corr_template'])} | "
+                         f"{_f(r['corr_template_given_audio'])} | {_f(r.get('lip_shape_error'))} |")
+        lines.append(f"| {clip} | template's own lips | | | | {_f(d['rows']['template_lips']['lip_shape_error'])} |")
+    lines += ["", "Lip-shape error: mean distance of the 40 lip points to the new audio's true lips after a "
+              "similarity alignment on the upper face, in nose lengths.", "",
+              "| clip | frames | audio's truth vs template's truth | stage 1 on the template's own audio | "
+              "silence: stage 1 max / closed range | silence: faces max / 90th pct / closed range | "
+              "minutes (pre / AE / TF / report) | steps (AE / TF) |", "|---|---|---|---|---|---|---|---|"]
+    for clip, res in results.items():
+        d = res["report"]["dubbing"]
+        s = d.get("silence", {})
+        m = res.get("minutes", {})
+        st = res.get("steps", {})
+        lines.append(f"| {clip} | {d['frames']} | {_f(d['rows']['stage1']['truth_vs_template'])} | "
+                     f"{_f(d['rows']['stage1_own_audio']['corr_audio'])} | "
+                     f"{_f(s.get('stage1_max'), '.4f')} / {_f(s.get('stage1_closed'), '.4f')} | "
+                     f"{_f(s.get('faces_max'), '.4f')} / {_f(s.get('faces_p90'), '.4f')} / "
+                     f"{_f(s.get('faces_closed'), '.4f')} | "
+                     + " / ".join(f"{m.get(k, 0):.1f}" for k in ("preprocess", "autoencoder", "talkformer", "report"))
+                     + f" | {st.get('autoencoder', 0)} / {st.get('talkformer', 0)} |")
+    lines += ["", bar(results), "", "Self-reconstruction of the same models (held-out frames [0.6, 1.0) driven by "
+              "their own audio, `finetune --holdout 0.4`):", "",
+              report_table({c: r["report"] for c, r in results.items()})]
+    return "\n".join(lines) + "\n"
+
+
+def bar(results: dict[str, dict]) -> str:
+    """The issue's bar: stage 1 and the faces beat the loudness model on every clip and by >= 0.1 on
+    the mean; both correlate <= 0.2 with the template."""
+    out = []
+    for key, name in (("stage1", "stage 1"), ("faces", "generated faces")):
+        ours = [r["report"]["dubbing"]["rows"][key]["corr_audio"] for r in results.values()]
+        base = [r["report"]["dubbing"]["rows"]["loudness"]["corr_audio"] for r in results.values()]
+        tm = [r["report"]["dubbing"]["rows"][key]["corr_template"] for r in results.values()]
+        ok = [o is not None and b is not None and o > b for o, b in zip(ours, base)]
+        mo = float(np.mean([o if o is not None else np.nan for o in ours]))
+        mb = float(np.mean([b if b is not None else np.nan for b in base]))
+        out.append(f"- {name}: corr with the new audio's truth {', '.join(_f(o) for o in ours)} (mean {mo:.3f}) "
+                   f"against the loudness model's {', '.join(_f(b) for b in base)} (mean {mb:.3f}): beats it on "
+                   f"{sum(ok)} of {len(ok)} clips, mean margin {mo - mb:+.3f} (bar: every clip, >= +0.1); corr with "
+                   f"the template {', '.join(_f(t) for t in tm)} (bar: <= 0.2)")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# --stage1: stage 1 alone
+
+def stage1_scores(shard: Path, steps: int, seed: int = 0) -> dict[str, dict[str, list]]:
+    """{method: {"A": scores, "B": scores}} for one clip; A = audio [0.6, 0.8) on template [0.8, 1),
+    B = the reverse."""
+    import types
+
+    import torch
+
+    from talkformer_core.data.dataset import TalkingFaceDataset
+    from talkformer_core.eval import dubbing as D
+    from talkformer_core.face import topology
+    from talkformer_core.finetune import load_holdout, mouth_training_data, person_config
+    from talkformer_core.models.landmark_completion import LandmarkCompletion
+    from talkformer_core.pipeline import AudioFeatures, LoadedModel, complete_landmarks, landmarks_to_crop
+
+    h = load_holdout(shard, HOLDOUT)
+    a = h.analysis
+    sp = D.split_clip(len(h.crops), a.found, 1 - HOLDOUT, 1 - HOLDOUT / 2)
+    pts = a.track.points131_filled.astype(np.float64)
+    op = D.mouth_opening(pts)
+    dirs = {"A": (sp.audio, sp.template), "B": (sp.template, sp.audio)}
+    out: dict[str, dict] = {}
+    lm = D.LoudnessModel.fit(D.frame_loudness(h.mels[sp.train]), op[sp.train])
+    out["loudness"] = {k: D.dubbing_scores(lm.predict(D.frame_loudness(h.mels[au])), op[au], op[te])
+                       for k, (au, te) in dirs.items()}
+
+    def scores(model: LoadedModel, box: str) -> dict:
+        refs = a.points_box(sp.train[topology.pick_spread(a.openness[sp.train], model.num_references)], box)
+        res = {}
+        for k, (au, te) in dirs.items():
+            lmb = complete_landmarks(model, a, AudioFeatures(h.mels[au], len(au), 25.0), te, references=refs)
+            res[k] = D.dubbing_scores(D.mouth_opening(landmarks_to_crop(a, lmb, te, box)), op[au], op[te])
+        return res
+
+    cfg = person_config(64)
+    net = LandmarkCompletion(cfg.model.landmark).eval()
+    net.mouth.fit(*mouth_training_data(shard, (0.0, 1 - HOLDOUT)))
+    wrap = lambda c, n: LoadedModel("talkformer", c, types.SimpleNamespace(landmark=n), None,  # noqa: E731
+                                    torch.device("cpu"), torch.float32)
+    out["mouth model (stable box)"] = scores(wrap(cfg, net), "stable")
+    for box in ("per_frame", "stable"):
+        c = person_config(64)
+        c.model.landmark.mouth_model = False
+        c.model.landmark_box = box
+        ds = TalkingFaceDataset(shard.parent, c, frames=(0.0, 1 - HOLDOUT), seed=seed)
+        wins = [i for i, (ci, _) in enumerate(ds.windows) if ds.clips[ci].path == shard]
+        torch.manual_seed(seed)
+        tnet = LandmarkCompletion(c.model.landmark)
+        opt = torch.optim.Adam(tnet.parameters(), lr=c.train.lr)
+        rng = np.random.default_rng(seed)
+        for step in range(steps):  # IP-LAP's L1 loss on the content, batches of 4 windows
+            items = [ds[(int(i), step)] for i in rng.choice(wins, 4)]
+            b = {k: torch.stack([it[k] for it in items]) for k in ("mels", "pose", "ref_landmarks", "target_box")}
+            pred = tnet.predict_content(b["mels"], b["pose"], b["ref_landmarks"])
+            loss = tnet.l1_loss(pred, b["target_box"][:, :, list(topology.CONTENT_POS)])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        tnet.eval()
+        pose = a.points_box(np.flatnonzero(a.found), box)[:, list(topology.POSE_POS)]
+        r = scores(wrap(c, tnet), box)
+        r["leak"] = D.linear_leak(pose, op[a.found])
+        out[f"transformer, {steps} steps ({box} box)"] = r
+    return out
+
+
+def stage1_page(results: dict[str, dict], steps: int) -> str:
+    lines = [f"`python bench/dubbing.py --stage1 --transformer-steps {steps}`: stage 1 alone, trained / fitted on "
+             "frames [0, 0.6). A: template [0.8, 1.0) driven by the audio of [0.6, 0.8); B: the reverse. "
+             "Opening of the predicted landmarks in the crop frame, over the nose length.", "",
+             "| clip | stage 1 | A: corr with the audio's truth | A: with the template (given the audio) | "
+             "B: corr with the audio's truth | B: with the template (given the audio) | pose -> mouth linear leak |",
+             "|---|---|---|---|---|---|---|"]
+    for clip, res in results.items():
+        for name, r in res.items():
+            cells = []
+            for k in ("A", "B"):
+                s = r[k]
+                cells += [_f(s["corr_audio"]), f"{_f(s['corr_template'])} ({_f(s['corr_template_given_audio'])})"]
+            lines.append(f"| {clip} | {name} | " + " | ".join(cells) + f" | {_f(r.get('leak'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clips", nargs="*", default=None)
+    ap.add_argument("--budget-minutes", type=float, default=30.0)
+    ap.add_argument("--jobs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work", default="/tmp/talkformer_dubbing")
+    ap.add_argument("--out", default=None, help="write the markdown here (default: print)")
+    ap.add_argument("--reuse", action="store_true", help="rebuild the page from the JSON reports in --work")
+    ap.add_argument("--stage1", action="store_true", help="stage 1 alone (minutes), see the module doc")
+    ap.add_argument("--transformer-steps", type=int, default=1500)
+    a = ap.parse_args(argv)
+    clips = [Path(c) for c in a.clips] if a.clips else sorted(MEDIA.glob("*.mp4"))
+    if not clips:
+        print(f"no clips (looked in {MEDIA})", file=sys.stderr)
+        return 2
+    work = Path(a.work)
+    if a.stage1:
+        import torch
+
+        from talkformer_core.data.preprocess import preprocess
+
+        torch.set_num_threads(a.threads)
+        shards = work / "shards_64"
+        preprocess(clips, shards, "small", crop_size=64)
+        res = {}
+        for c in clips:
+            shard = next(shards.glob(f"{c.stem}-*.npz"))
+            res[c.name] = stage1_scores(shard, a.transformer_steps)
+            print(stage1_page({c.name: res[c.name]}, a.transformer_steps), flush=True)
+        text = stage1_page(res, a.transformer_steps)
+    else:
+        if a.reuse:
+            results = {c.name: json.loads((work / f"{c.stem}.json").read_text()) for c in clips
+                       if (work / f"{c.stem}.json").exists()}
+        else:
+            results = run_clips(clips, work, a)
+        if not results:
+            print("no results", file=sys.stderr)
+            return 1
+        text = page(results, a)
+    if a.out:
+        Path(a.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
