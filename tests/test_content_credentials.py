@@ -246,3 +246,28 @@ def test_lipsync_refuses_credentials_for_a_non_mp4_output_before_work(tmp_path, 
     with pytest.raises(InputError, match=r"out\.mkv: C2PA .* \.mp4 files only"):
         P.lipsync(video, audio, save_tiny_checkpoint(tmp_path / "tiny.safetensors"), tmp_path / "out.mkv", opts)
     assert not (tmp_path / "out.mkv").exists()
+
+
+def test_lipsync_video_node_signs_its_output(tmp_path, chain):
+    """TalkFormer Lip Sync (Video) with c2pa_cert / c2pa_key: a valid manifest in its mp4, next to
+    the tag (watermark off here, so the tag says so); a bad key fails before any output."""
+    from talkformer_core import pipeline as P
+    from talkformer_core.detect import read_tags
+    from test_nodes import node
+
+    clip = synthetic_clip(1, 0.8, 128)
+    video = write_video(tmp_path / "t.mp4", clip.frames[:10], audio=clip.audio[:6400])
+    model = P.load_model(save_tiny_checkpoint(tmp_path / "tiny.safetensors"))
+    lip = node("TalkFormerLipSyncVideo")
+    with pytest.raises(InputError, match="nokey.pem"):
+        lip.lipsync(str(video), model, steps=1, watermark=False, c2pa_cert=str(chain["chain"]),
+                    c2pa_key=str(tmp_path / "nokey.pem"))
+    out, n = lip.lipsync(str(video), model, steps=1, watermark=False, c2pa_cert=str(chain["chain"]),
+                         c2pa_key=str(chain["key"]))
+    path = Path(os.fspath(out))
+    try:
+        assert n == 10 and read_tags(path)["comment"] == pv.generator_tag(False)
+        r = cc.read_credentials(path, trust_anchors=chain["ca"])
+        assert r.status == "trusted" and r.names_generator and r.actions == ["c2pa.created"]
+    finally:
+        path.unlink()
