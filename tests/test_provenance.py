@@ -168,3 +168,33 @@ def test_blend_face_node_marks_the_stage_path(marked):
             w.write(f)
     r = detect_file(out, frames=12)
     assert r.watermark_found and r.bit_accuracy >= 0.95 and r.tag_claims_watermark is None
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("COMFYUI_DIR"), reason="set COMFYUI_DIR to a ComfyUI checkout")
+def test_stage_path_marks_survive_comfyui_create_and_save_video(marked, tmp_path):
+    """Blend Face's frames -> ComfyUI's Create Video (VideoFromComponents) -> TalkFormer Mark Video ->
+    ComfyUI's Save Video copy (VideoFromFile.save_to, format auto): the saved mp4 has the tag claiming
+    the watermark (measured by Mark Video) and the watermark is found in it."""
+    import os
+    import sys
+    from fractions import Fraction
+
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, os.environ["COMFYUI_DIR"])
+    from comfy_api.input_impl import VideoFromComponents, VideoFromFile
+    from comfy_api.util import VideoComponents
+
+    from test_nodes import node
+
+    clip = marked["clip"]
+    frames = clip.frames[:16]
+    a = P.analyze_frames(frames, 64)
+    blended = pv.Watermarker().embed_regions(frames, a.boxes, a.found)  # what Blend Face hands on
+    images = torch.from_numpy(np.stack(blended)).float() / 255
+    created = VideoFromComponents(VideoComponents(images=images, audio=None, frame_rate=Fraction(25)))
+    (video,) = node("TalkFormerMarkVideo").mark(created)
+    saved = tmp_path / "saved.mp4"
+    VideoFromFile(os.fspath(video.get_stream_source())).save_to(str(saved), metadata={"prompt": {}})
+    os.unlink(video.get_stream_source())
+    r = detect_file(saved, frames=16)
+    assert r.tag_claims_watermark is True and r.watermark_found and r.bit_accuracy >= 0.95, r
