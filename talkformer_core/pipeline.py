@@ -51,7 +51,8 @@ import torch
 from .config import TalkFormerConfig
 from .errors import AudioError, CheckpointError, FaceError, InputError, TalkFormerError, VideoError
 from .face import topology
-from .sampling import FaceSampler, crops_to_tensor, initial_noise, sample_latents, tensor_to_crops
+from .sampling import (DEFAULT_SAMPLER, DEFAULT_STEPS, FaceSampler, crops_to_tensor, initial_noise, sample_latents,
+                       tensor_to_crops)
 from .sampling import sample_latents as _sample_latents_talkformer  # noqa: F401  (the name tests and tools use)
 
 FPS = 25.0  # the model's frame rate (IP-LAP / paper: video resampled to 25 fps)
@@ -528,8 +529,8 @@ def blend_faces(frames: Sequence[np.ndarray], crops: np.ndarray, boxes: np.ndarr
 
 @dataclass
 class SyncOptions:
-    steps: int = 25
-    sampler: str = "ddim"
+    steps: int = DEFAULT_STEPS  # sampling.DEFAULT_STEPS / DEFAULT_SAMPLER (docs/speed.md, fast sampler)
+    sampler: str = DEFAULT_SAMPLER
     eta: float = 0.0
     seed: int = 0
     reference_frame: int | None = None  # template frame (25 fps) for the R-Align reference; None = auto

@@ -22,6 +22,7 @@ LENGTH_MODES = ("pingpong", "loop", "trim")
 
 def build_parser() -> argparse.ArgumentParser:
     from .diffusion.samplers import SAMPLERS
+    from .sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
 
     ap = argparse.ArgumentParser(prog="python -m talkformer_core.sync",
                                  description="Lip-sync a template video (or one image) to an audio track.")
@@ -30,8 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--checkpoint", required=True, help="TalkFormer checkpoint (.safetensors), or IP-LAP's weights converted by "
                          "python -m talkformer_core.convert iplap (docs/iplap.md)")
     ap.add_argument("--out", required=True, help="output .mp4")
-    ap.add_argument("--steps", type=int, default=25, help="sampler steps (the paper: 200 DDIM steps)")
-    ap.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                    help=f"sampler steps (default {DEFAULT_STEPS}; the paper: 200 DDIM steps)")
+    ap.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=sorted(SAMPLERS),
+                    help=f"stage-2 sampler (default {DEFAULT_SAMPLER}: at {DEFAULT_STEPS} steps within 2 %% of the "
+                         "paper's 200 DDIM steps, docs/speed.md; ddim as the paper; ddpm: ancestral)")
     ap.add_argument("--eta", type=float, default=0.0, help="sampler stochasticity (0 = deterministic)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reference-frame", type=int, default=None,

@@ -50,6 +50,9 @@ def test_fast_sampler_choice_and_seam_helpers():
             dict(sampler="dpmpp_2m", steps=5, psnr=28.0, lmd=1.0)]
     assert fast_sampler.choose(rows)["steps"] == 10  # 29.3 < 0.98 * 30 = 29.4: 8 steps is out
     assert fast_sampler.choose(rows[:1] + rows[-1:]) is None
+    lucky = rows[:3] + [dict(sampler="dpmpp_2m", steps=8, psnr=29.0, lmd=1.0),
+                        dict(sampler="dpmpp_2m", steps=6, psnr=29.9, lmd=1.0)]
+    assert fast_sampler.choose(lucky)["steps"] == 10  # 6 passes but 8 does not: noise, not a choice
     p = np.zeros((6, 2, 2))
     p[:, :, 0] = np.arange(6)[:, None]  # steady motion: no second difference
     p[4:, :, 1] += 3.0  # a jump between frames 3 and 4

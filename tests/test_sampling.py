@@ -329,3 +329,15 @@ def test_auto_chunk_size():
     gpu_t = P.LoadedModel("talkformer", mt.config, None, None, torch.device("cuda"), torch.bfloat16)
     assert P.auto_chunk_size(gpu_t, 100, (256, 256)) == 400  # 4 batches: parallel chains fill a batch
     assert P.auto_chunk_size(gpu_t, 100, (1080, 1920)) == 2 ** 30 // (3 * 1080 * 1920)  # 1 GiB of frames
+
+
+def test_default_sampler_is_the_measured_one_everywhere():
+    from talkformer_core.sync import build_parser
+
+    assert (S.DEFAULT_SAMPLER, S.DEFAULT_STEPS) == ("dpmpp_2m", 10)  # docs/speed.md's fast-sampler table
+    assert (P.SyncOptions().sampler, P.SyncOptions().steps) == (S.DEFAULT_SAMPLER, S.DEFAULT_STEPS)
+    a = build_parser().parse_args(["--video", "v", "--audio", "a", "--checkpoint", "c", "--out", "o.mp4"])
+    assert (a.sampler, a.steps) == (S.DEFAULT_SAMPLER, S.DEFAULT_STEPS)
+    # the Sampler node repeats them (its input list renders without torch)
+    src = (Path(__file__).resolve().parents[1] / "nodes" / "generate_nodes.py").read_text()
+    assert f'DEFAULT_SAMPLER, DEFAULT_STEPS = "{S.DEFAULT_SAMPLER}", {S.DEFAULT_STEPS}' in src
