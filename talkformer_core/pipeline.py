@@ -640,6 +640,36 @@ def prefetched(fn: Callable[[Any], Any], items: Sequence[Any], enabled: bool = T
         ex.shutdown(wait=True, cancel_futures=True)
 
 
+class _Finisher:
+    """Runs each chunk's CPU tail (blend, watermark, write) in one background thread while the next
+    chunk samples, in order, one chunk behind at most; ``enabled`` False runs it inline. ``close``
+    waits for the running task (call it before the writer closes, also on errors)."""
+
+    def __init__(self, enabled: bool):
+        self.ex = None
+        if enabled:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="talkformer-finish")
+        self.pending = None
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self.wait()
+        if self.ex is None:
+            fn()
+        else:
+            self.pending = self.ex.submit(fn)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            p, self.pending = self.pending, None
+            p.result()  # re-raises the task's exception here
+
+    def close(self) -> None:
+        if self.ex is not None:
+            self.ex.shutdown(wait=True, cancel_futures=True)
+
+
 def _chunk_frames(video: Any, image: np.ndarray | None, plan: np.ndarray, chunk: tuple[int, int, int]) -> list:
     """The template frames of output frames [k0, k1) of one monotone run (``runs``), in output order."""
     k0, k1, step = chunk
@@ -776,33 +806,46 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
         chunks = runs(plan, opt.chunk_size or auto_chunk_size(model, bs if frame_renderer is None else 1,
                                                                analysis.frame_size))
         ahead = model.device.type != "cpu" if opt.prefetch is None else bool(opt.prefetch)
-        for (k0, k1, step), frames in zip(chunks, prefetched(lambda c: _chunk_frames(video, image, plan, c),
-                                                             chunks, ahead)):
-            t_idx = plan[k0:k1]
-            found = found_out[k0:k1]
-            if frame_renderer is not None:
-                def frame_cb(i: int, n: int, k0: int = k0, k1: int = k1) -> None:  # batch i of n done: per-frame progress
-                    if callback is not None:
-                        callback(done + (k1 - k0) * i // max(n, 1), T, None)
+        # with ``ahead`` the CPU work around the sampler overlaps it: the next chunk's frames are
+        # decoded (prefetched) and the previous chunk blended, marked and written (_Finisher)
+        finisher = _Finisher(ahead)
 
-                out_frames, preview, mark_boxes = render_frames(frames, k0, k1, found, frame_cb)
-            else:
-                boxes = analysis.boxes[t_idx]
-                sel = np.flatnonzero(found)
-                gen_crops = np.zeros((k1 - k0, S, S, 3), np.uint8)
-                if len(sel):  # the chunk's faces in one call: batches (and Temp-Att chains) inside
-                    crops = np.stack([crop_frame(frames[i], boxes[i], S) for i in sel])
-                    gen_crops[sel] = face_sampler(crops, lm_crop[k0 + sel])
-                out_frames = blend_faces(frames, gen_crops, boxes, found, opt.feather)
-                mark_boxes, preview = boxes, (gen_crops[sel[-1]] if len(sel) else None)
-            del frames
+        def finish(out_frames: Any, mark_boxes: Any, found: np.ndarray, blend: tuple | None = None) -> None:
+            if blend is not None:
+                out_frames = blend_faces(*blend, found, opt.feather)
             if marker is not None:  # batched through the ONNX encoder (provenance.MARK_BATCH)
                 out_frames = marker.embed_regions(out_frames, mark_boxes, found)
             for f in out_frames:
                 writer.write(f)
-            done = k1
-            if callback is not None:
-                callback(done, T, preview)
+
+        try:
+            for (k0, k1, step), frames in zip(chunks, prefetched(lambda c: _chunk_frames(video, image, plan, c),
+                                                                 chunks, ahead)):
+                t_idx = plan[k0:k1]
+                found = found_out[k0:k1]
+                if frame_renderer is not None:
+                    def frame_cb(i: int, n: int, k0: int = k0, k1: int = k1) -> None:  # batch i of n: per-frame progress
+                        if callback is not None:
+                            callback(done + (k1 - k0) * i // max(n, 1), T, None)
+
+                    out_frames, preview, mark_boxes = render_frames(frames, k0, k1, found, frame_cb)
+                    finisher.submit(lambda o=out_frames, b=mark_boxes, f=found: finish(o, b, f))
+                else:
+                    boxes = analysis.boxes[t_idx]
+                    sel = np.flatnonzero(found)
+                    gen_crops = np.zeros((k1 - k0, S, S, 3), np.uint8)
+                    if len(sel):  # the chunk's faces in one call: batches (and Temp-Att chains) inside
+                        crops = np.stack([crop_frame(frames[i], boxes[i], S) for i in sel])
+                        gen_crops[sel] = face_sampler(crops, lm_crop[k0 + sel])
+                    preview = gen_crops[sel[-1]] if len(sel) else None
+                    finisher.submit(lambda b=boxes, f=found, blend=(frames, gen_crops, boxes): finish(None, b, f, blend))
+                del frames
+                done = k1
+                if callback is not None:
+                    callback(done, T, preview)
+            finisher.wait()
+        finally:
+            finisher.close()  # before the writer closes (or aborts on an error)
     return SyncResult(out_path, T, n_video, n_faceless, ref_idx, FPS, time.time() - t_start, warn)
 
 

@@ -317,6 +317,17 @@ def test_lipsync_with_prefetch_writes_the_same_video(tmp_path):
         outs.append(np.stack(list(iter_frames(out))))
     assert len(outs[0]) == 43  # 1.7 s of audio at 25 fps, over 30 template frames (pingpong)
     np.testing.assert_array_equal(outs[0], outs[1])
+    # stopping from the callback while a chunk is being written in the background: no output file
+
+    def stop(done, total, preview):
+        if done >= 14:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "stopped.mp4"
+    with pytest.raises(KeyboardInterrupt):
+        P.lipsync(video, wav, model, out, P.SyncOptions(steps=1, watermark=False, chunk_size=7, prefetch=True),
+                  callback=stop)
+    assert not out.exists()
 
 
 def test_auto_chunk_size():
