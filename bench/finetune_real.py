@@ -10,6 +10,17 @@ audio), each run in its own process (``--jobs`` at once; on a shared 2-core mach
 PSNR, SSIM, LMD, mouth-opening correlation for ours with test-frame landmarks, ours audio-driven,
 copy-reference and mean-mouth), the training minutes and steps per clip, and the verdicts of the
 quality bar. ``--reuse`` rebuilds the table from the JSON reports of an earlier run.
+
+The 256 px ruler (every preset scored alike: lower half of the 256 px crop, smaller crops upscaled
+bicubic, baselines at 256; ``talkformer_core.eval.ruler``):
+
+    python bench/finetune_real.py --ruler --presets cpu64 gpu256 [--budget-minutes 30] [--device cpu]
+    python bench/finetune_real.py --ruler --ruler-results DIR...   # score runs made elsewhere (a GPU box)
+
+preprocesses the clips once at 256 px, trains each (clip, preset) with ``bench/gpu_finetune.py``
+(finetune's recipe from a shard; smaller presets get the crops area-resized), then
+``bench/score_gpu_finetune.py`` writes docs/finetune_gpu_results.md and the grid
+docs/finetune_grid.png.
 """
 from __future__ import annotations
 
@@ -92,6 +103,45 @@ def markdown(results: dict[str, dict], a: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_ruler(clips: list[Path], work: Path, a: argparse.Namespace) -> int:
+    """Train every (clip, preset) with bench/gpu_finetune.py from 256 px shards, then score on the ruler."""
+    import score_gpu_finetune
+
+    shards = work / "shards_256"
+    results = [Path(r) for r in a.ruler_results] if a.ruler_results else [work / "ruler"]
+    if not a.ruler_results:
+        from talkformer_core.data.preprocess import preprocess
+
+        preprocess([str(c) for c in clips], shards, "paper", crop_size=256, progress=False)
+        jobs = [(s, p) for s in sorted(shards.glob("*.npz")) for p in a.presets]
+        procs: list[tuple[str, subprocess.Popen, object]] = []
+        while jobs or procs:
+            while jobs and len(procs) < a.jobs:
+                s, p = jobs.pop(0)
+                out = results[0] / f"{s.stem}.{p}.npz"
+                cmd = [sys.executable, str(ROOT / "bench" / "gpu_finetune.py"), "--shard", str(s), "--out", str(out),
+                       "--minutes", str(a.budget_minutes), "--preset", p, "--holdout", str(a.holdout),
+                       "--threads", str(a.threads or 1), "--work", str(work / "ruler_work" / out.stem)]
+                if a.device:
+                    cmd += ["--device", a.device]
+                if a.steps:
+                    cmd += ["--steps", str(a.steps)]
+                results[0].mkdir(parents=True, exist_ok=True)
+                log = open(results[0] / f"{out.stem}.log", "w")
+                print("run:", " ".join(cmd), flush=True)
+                procs.append((out.stem, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
+            time.sleep(2)
+            for item in list(procs):
+                if item[1].poll() is not None:
+                    item[2].close()
+                    procs.remove(item)
+                    print(f"{item[0]}: {'done' if item[1].returncode == 0 else f'failed (exit {item[1].returncode})'}",
+                          flush=True)
+    argv = ["--results", *map(str, results), "--shards", str(a.ruler_shards or shards),
+            "--out", str(ROOT / "docs" / "finetune_gpu_results.md"), "--grid", str(ROOT / "docs" / "finetune_grid.png")]
+    return score_gpu_finetune.main(argv)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget-minutes", type=float, default=30.0)
@@ -108,8 +158,18 @@ def main() -> int:
     ap.add_argument("--noise-scale", type=float, default=1.0, help="scale of the shared x_T in the report")
     ap.add_argument("--report-only", action="store_true",
                     help="no training: re-score the checkpoints already in WORK (e.g. with another --noise-scale)")
+    ap.add_argument("--ruler", action="store_true", help="every preset on the 256 px ruler (see the module doc)")
+    ap.add_argument("--presets", nargs="+", default=["cpu64", "gpu256"], help="--ruler: the presets to train")
+    ap.add_argument("--device", default=None, help="--ruler: torch device of the training runs")
+    ap.add_argument("--ruler-results", nargs="*", default=None,
+                    help="--ruler: score these bench/gpu_finetune.py results instead of training")
+    ap.add_argument("--ruler-shards", default=None, help="--ruler: the 256 px truth shards (default: WORK/shards_256)")
     a = ap.parse_args()
     work = Path(a.work)
+    if a.ruler:
+        sys.path.insert(0, str(ROOT / "bench"))
+        clips = [Path(c) for c in a.clips] if a.clips else sorted(MEDIA.glob("*.mp4"))
+        return run_ruler(clips, work, a)
     a.tag = "" if a.noise_scale == 1.0 else f".ns{a.noise_scale:g}"
     if a.reuse:
         results = {p.name[:-len(a.tag + ".json")] + ".mp4": json.loads(p.read_text())

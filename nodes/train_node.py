@@ -20,9 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from talkformer_core import config as _config
+
 from ._common import CATEGORY, MODEL_FOLDER, TALKFORMER_MODEL, Progress, comfy_module, model_file_list
 
-PRESETS = ["cpu64", "cpu96", "small", "paper"]
+PRESETS = [p for p in _config.PRESET_NAMES if p != "tiny"]  # config's one list (tiny: tests only)
 NONE = "none"
 
 
@@ -112,9 +114,10 @@ class TrainTalkFormerOnVideo:
                     "tooltip": "Wall-clock time for the whole training (the main quality knob). 30 min fits a "
                                "5-10 s clip on a small CPU; on a GPU give the same or more for a better model."}),
                 "preset": (PRESETS, {
-                    "default": "cpu64",
-                    "tooltip": "Model size: cpu64 (64 px face crops, CPU-sized), cpu96, small (128 px, GPU), "
-                               "paper (256 px, GPU)."}),
+                    "default": "auto",
+                    "tooltip": "Model size: auto (cpu64 on a CPU, gpu256 on a GPU), cpu64 (64 px face crops, "
+                               "CPU-sized), cpu96, gpu128 (128 px, one GPU), gpu256 (256 px, the paper's crop, one "
+                               "GPU), small / paper (the paper's recipe, large datasets)."}),
                 "resume": ("BOOLEAN", {
                     "default": True,
                     "tooltip": "Continue an earlier run of this name that was cancelled or ran out of budget "
@@ -143,7 +146,7 @@ class TrainTalkFormerOnVideo:
             },
         }
 
-    def train(self, name: str, budget_minutes: float = 30.0, preset: str = "cpu64", resume: bool = True,
+    def train(self, name: str, budget_minutes: float = 30.0, preset: str = "auto", resume: bool = True,
               holdout: float = 0.0, video: Any = None, images: Any = None, audio: Any = None, fps: float = 25.0,
               vae: Any = None, iplap_checkpoint: str = NONE, max_steps: int = 0):
         from contextlib import ExitStack
@@ -159,6 +162,7 @@ class TrainTalkFormerOnVideo:
         from .video_node import audio_input, video_source
 
         stem = _check_name(name)
+        preset = _config.resolve_preset(preset)  # auto -> the device's preset, which the training key records
         if video is None and images is None:
             raise InputError("connect a VIDEO, or IMAGE frames with their AUDIO")
         out = models_directory() / f"{stem}.safetensors"

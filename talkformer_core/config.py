@@ -51,6 +51,13 @@ class LandmarkConfig:
     dim_feedforward: int = 1024
     dropout: float = 0.1
     width: float = 1.0
+    # Our addition for person models (off in every preset that keeps IP-LAP's layout): a
+    # low-dimensional mouth model of the person (models.mouth_model) fitted in closed form on their
+    # training frames; when fitted, stage 1's jaw and lips come from it instead of the transformer,
+    # which a few seconds of speech do not teach to follow new audio (docs/design.md).
+    mouth_model: bool = False
+    mouth_shape_modes: int = 3
+    mouth_blend: float = 1.0  # weight of the mouth model's jaw and lips against the transformer's
 
 
 @dataclass
@@ -108,6 +115,12 @@ class ModelConfig:
     # round 4). Where the mouth sits sideways is pose, which the template frame shows; what the audio
     # decides (opening, shape) is kept.
     anchor_mouth_x: bool = False
+    # The box frame of stage 1 (pose input, references, target, and the map of its output back to
+    # the crop): "per_frame" is IP-LAP's box over all 131 points, which grows with the template's
+    # jaw, so the pose input carries the mouth it replaces; "stable" is the upper face's box
+    # extended by per-clip constants (face.topology.stable_landmark_boxes): the same box on a
+    # typical frame, so IP-LAP's weights still fit, but blind to the jaw (docs/design.md).
+    landmark_box: str = "stable"
 
     @property
     def latent_size(self) -> int:
@@ -134,6 +147,12 @@ class TrainConfig:
     # position). Our addition for one-clip training, where the held-out frames' heads sit where no
     # training frame's did (docs/finetune_results.md, round 4).
     shift_augment: int = 0
+    # Person presets on a GPU (finetune): bf16 autocast when training on CUDA (ignored on a CPU,
+    # where the CPU presets keep fp32), the autoencoder stage's batch, and the autoencoder's share of
+    # the training budget (the rest goes to TalkFormer).
+    bf16: bool = False
+    autoencoder_batch_size: int = 8
+    autoencoder_share: float = 0.3
 
 
 @dataclass
@@ -222,11 +241,114 @@ def paper() -> TalkFormerConfig:
     return TalkFormerConfig(name="paper")
 
 
-PRESETS = {"tiny": tiny, "small": small, "paper": paper}
+# ----------------------------------------------------------------------------------------------
+# person presets: one person's clip, trained by ``finetune`` on the user's machine
+
+def person_config(crop_size: int = 64, *, full_landmarks: bool = False, vae: bool = False) -> TalkFormerConfig:
+    """A TalkFormer sized for training on one short clip on a CPU (presets cpu64, cpu96).
+
+    64 px crops (96 also works), our KL-f4 autoencoder (16x16x3 latent) or, with ``vae``, an SD VAE
+    (f8, 4 channels); a 3-scale U-Net (64 channels) with TalkFormer blocks at the two coarser
+    scales, 1 residual block per scale. The landmark module is IP-LAP's exact layout when
+    ``full_landmarks`` (needed to start from IP-LAP's weights), else a shrunk one (0.6 M parameters:
+    a few seconds of audio cannot train 13.7 M). lr 1e-3 (small net, few steps), batch 4 windows of
+    L = 5 frames; the U-Net is trained on the detected landmarks (w/o End2End, see below), the
+    landmark module on its L1 loss alongside.
+    """
+    from .models.autoencoder import sd_vae_config
+
+    if vae:
+        ae = sd_vae_config()
+        ae.resolution = crop_size
+    else:
+        ae = AutoencoderConfig(ch=32, ch_mult=(1, 2, 4), num_res_blocks=1, resolution=crop_size)
+    # mouth_model: stage 1's jaw and lips from a mouth model of the person fitted on their frames
+    # (models.mouth_model): trained on seconds of one person, the transformer's opening followed
+    # audio it had not heard at -0.3..0.7 (docs/dubbing.md). Not with IP-LAP's generic weights.
+    lm = LandmarkConfig() if full_landmarks else LandmarkConfig(d_model=128, nlayers=2, nhead=4,
+                                                                 dim_feedforward=256, width=0.25, mouth_model=True)
+    # position_features: M-Align's queries and keys get Fourier features of their crop-frame
+    # positions (our addition; the paper presets keep eq. 3). Without them a U-Net trained for a few
+    # thousand steps on one clip never used M-Align: its output was the same whatever the landmarks
+    # (0.002 grey levels apart for a closed and a wide-open mouth); with them it follows the
+    # landmarks (docs/finetune_results.md).
+    # landmark_map: the same landmarks drawn on the latent grid (UNetConfig); with M-Align alone the
+    # U-Net placed the mouth from the upper face and ignored a landmark shift (round 4 of the results)
+    unet = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, head_channels=32, landmark_dim=64,
+                      position_features=True, landmark_map=True)
+    return TalkFormerConfig(
+        name=f"person{crop_size}",
+        # anchor_mouth_x: audio-driven lips placed sideways where the template frame's lips are (ModelConfig)
+        model=ModelConfig(image_size=crop_size, autoencoder=ae, landmark=lm, unet=unet, anchor_mouth_x=True),
+        # end_to_end off: within a CPU budget (a few hundred steps) the completion module's predictions
+        # stay poor (box-frame L1 ~0.14 after 400 steps), and a U-Net fed them learns to ignore
+        # M-Align; fed the detected landmarks it learns to follow them (measured: docs/finetune.md).
+        # EMA 0.995 (a ~200-step horizon: a 0.999 average would still hold the first, poor steps of a
+        # ~1500-step run); finetune trains stage 2 with it and the checkpoint's EMA weights are used
+        # shift_augment 2: +-8 px at 64 px sideways, the head movement between a clip's first 80 % and
+        # its last 20 % (measured: docs/finetune_results.md, round 4)
+        train=TrainConfig(lr=1e-3, batch_size=4, autoencoder_lr=1e-3, ema_decay=0.995, end_to_end=False,
+                          shift_augment=2),
+    )
 
 
-def preset(name: str) -> TalkFormerConfig:
+def gpu_person_config(crop_size: int = 256, *, full_landmarks: bool = False, vae: bool = False) -> TalkFormerConfig:
+    """The GPU person presets gpu128 / gpu256: cpu64's recipe (position features, landmark map,
+    shift augmentation, mouth anchor, mouth model, w/o End2End, EMA) at the paper's crop sizes.
+
+    Our KL-f4 autoencoder trained on the clip (32x32x3 / 64x64x3 latent at 128 / 256 px; ``vae``:
+    an SD VAE, f8); a 4-scale U-Net (channel_mult (1, 2, 3, 4)) with TalkFormer blocks at the three
+    coarser scales, as the paper; batch, lr and bf16 sized for one GPU (docs/finetune.md).
+    """
+    cfg = person_config(crop_size, full_landmarks=full_landmarks, vae=vae)
+    cfg.name = f"gpu{crop_size}"
+    m, t = cfg.model, cfg.train
+    if not vae:
+        # 64 base channels (cpu64: 32): the autoencoder bounds the sharpness of everything after it,
+        # and at 128-256 px it has skin, teeth and lip edges to keep. 10.8 M parameters, 640 GFLOP per
+        # 256 px crop and step (fwd + bwd; 2 residual blocks: 814): batch 8 keeps its steps many
+        m.autoencoder = AutoencoderConfig(ch=64, ch_mult=(1, 2, 4), num_res_blocks=1, resolution=crop_size)
+    # 96 channels, 4 scales (64 -> 8 cells at 256 px): the receptive field covers the lower face at
+    # 4x cpu64's latent. 38 M parameters; 125 GFLOP and ~0.4 GB of bf16 activations per window of
+    # L = 5 frames at 256 px (fwd + bwd), so batch 16 is ~2 TFLOP a step: an H200 share of a few
+    # steps per second even with three clips training at once
+    m.unet = UNetConfig(model_channels=96, channel_mult=(1, 2, 3, 4), num_res_blocks=1, head_channels=32,
+                        landmark_dim=128, position_features=True, landmark_map=True)
+    # shift_augment: cpu64's +-1/8 of the crop sideways, in latent cells of this crop's latent
+    t.shift_augment = max(1, (crop_size // 8) // m.autoencoder.downsample)
+    # batch 16 windows (80 frames), lr 5e-4 (cpu64: 4 windows, 1e-3; a 4x batch with a bigger net);
+    # bf16 autocast on CUDA; the autoencoder keeps cpu64's lr, batch 8 and 30 % of the budget
+    t.batch_size, t.lr, t.autoencoder_lr = 16, 5e-4, 1e-3
+    t.bf16, t.autoencoder_batch_size, t.autoencoder_share = True, 8, 0.3
+    return cfg
+
+
+PRESETS = {"tiny": tiny, "small": small, "paper": paper,
+           "cpu64": lambda: person_config(64), "cpu96": lambda: person_config(96),
+           "gpu128": lambda: gpu_person_config(128), "gpu256": lambda: gpu_person_config(256)}
+# The one list of preset names the finetune / train CLIs, the Train TalkFormer on Video node and
+# docs/finetune.md offer. "auto": cpu64 on a CPU, gpu256 on a GPU (resolve_preset); tiny: tests.
+PRESET_NAMES = ("auto", "cpu64", "cpu96", "gpu128", "gpu256", "small", "paper", "tiny")
+PERSON_PRESETS = ("cpu64", "cpu96", "gpu128", "gpu256")  # cpu64's recipe (person_config)
+
+
+def resolve_preset(name: str, device: Any = None) -> str:
+    """``auto`` -> the person preset for ``device`` (a torch device or its name; None: CUDA when
+    available): cpu64 on a CPU, gpu256 on CUDA. Any other name is returned as is."""
+    if name != "auto":
+        return name
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = getattr(device, "type", None) or str(device).split(":")[0]
+    return "gpu256" if kind == "cuda" else "cpu64"
+
+
+def preset(name: str, device: Any = None) -> TalkFormerConfig:
+    """A fresh config of preset ``name`` (``auto``: resolved for ``device``, see resolve_preset)."""
+    name = resolve_preset(name, device)
     try:
         return PRESETS[name]()
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}") from None
+        raise ValueError(f"unknown preset {name!r}; expected one of {list(PRESET_NAMES)}") from None

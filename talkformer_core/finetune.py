@@ -11,7 +11,10 @@ What it does (no second training loop: ``data.preprocess`` and ``train.train`` d
   4. copy the result to ``--out``: a checkpoint ``sync``, the loader node and ``pipeline.load_model``
      take like any other (with ``--vae`` it names that VAE by hash, DESIGN.md §4).
 The time budget is the main knob: preprocessing is paid first, then the autoencoder gets
-``AE_SHARE`` of what is left and TalkFormer the rest (less a reserve for the hold-out report).
+the preset's ``autoencoder_share`` (0.3) of what is left and TalkFormer the rest (less a reserve for
+the hold-out report). ``--preset auto`` (the default) is cpu64 on a CPU and gpu256 on CUDA; on CUDA the
+batches shrink to the free memory if needed, and each stage prints samples/s and the share of the
+wall time spent in the training step (docs/finetune.md).
 ``--steps`` caps the TalkFormer steps as well (tests, GPUs). Work files live in ``OUT.work/``
 (shards, both run folders); ``--resume`` continues a run stopped by Ctrl-C, an interrupt or the
 budget from there (train's bit-exact resume), with the budget's unspent part.
@@ -47,8 +50,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .config import (AutoencoderConfig, LandmarkConfig, ModelConfig, TalkFormerConfig, TrainConfig, UNetConfig,
-                     preset as named_preset)
+from .config import (PRESET_NAMES, AutoencoderConfig, LandmarkConfig, ModelConfig, TalkFormerConfig,  # noqa: F401
+                     TrainConfig, UNetConfig, gpu_person_config, person_config, preset as named_preset,
+                     resolve_preset)
 from .errors import CheckpointError, FaceError, InputError, TalkFormerError, VideoError
 
 AE_SHARE = 0.3  # of the budget after preprocessing, when the autoencoder is trained on the clip
@@ -63,60 +67,19 @@ METHOD_NAMES = {"ours_landmarks": "ours, test-frame landmarks", "ours_audio": "o
 # ----------------------------------------------------------------------------------------------
 # presets for one person on one machine
 
-def person_config(crop_size: int = 64, *, full_landmarks: bool = False, vae: bool = False) -> TalkFormerConfig:
-    """A TalkFormer sized for training on one short clip on a CPU.
-
-    64 px crops (96 also works), our KL-f4 autoencoder (16x16x3 latent) or, with ``vae``, an SD VAE
-    (f8, 4 channels); a 3-scale U-Net (64 channels) with TalkFormer blocks at the two coarser
-    scales, 1 residual block per scale. The landmark module is IP-LAP's exact layout when
-    ``full_landmarks`` (needed to start from IP-LAP's weights), else a shrunk one (0.6 M parameters:
-    a few seconds of audio cannot train 13.7 M). lr 1e-3 (small net, few steps), batch 4 windows of
-    L = 5 frames; the U-Net is trained on the detected landmarks (w/o End2End, see below), the
-    landmark module on its L1 loss alongside.
-    """
-    from .models.autoencoder import sd_vae_config
-
-    if vae:
-        ae = sd_vae_config()
-        ae.resolution = crop_size
-    else:
-        ae = AutoencoderConfig(ch=32, ch_mult=(1, 2, 4), num_res_blocks=1, resolution=crop_size)
-    lm = LandmarkConfig() if full_landmarks else LandmarkConfig(d_model=128, nlayers=2, nhead=4,
-                                                                 dim_feedforward=256, width=0.25)
-    # position_features: M-Align's queries and keys get Fourier features of their crop-frame
-    # positions (our addition; the paper presets keep eq. 3). Without them a U-Net trained for a few
-    # thousand steps on one clip never used M-Align: its output was the same whatever the landmarks
-    # (0.002 grey levels apart for a closed and a wide-open mouth); with them it follows the
-    # landmarks (docs/finetune_results.md).
-    # landmark_map: the same landmarks drawn on the latent grid (UNetConfig); with M-Align alone the
-    # U-Net placed the mouth from the upper face and ignored a landmark shift (round 4 of the results)
-    unet = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, head_channels=32, landmark_dim=64,
-                      position_features=True, landmark_map=True)
-    return TalkFormerConfig(
-        name=f"person{crop_size}",
-        # anchor_mouth_x: audio-driven lips placed sideways where the template frame's lips are (ModelConfig)
-        model=ModelConfig(image_size=crop_size, autoencoder=ae, landmark=lm, unet=unet, anchor_mouth_x=True),
-        # end_to_end off: within a CPU budget (a few hundred steps) the completion module's predictions
-        # stay poor (box-frame L1 ~0.14 after 400 steps), and a U-Net fed them learns to ignore
-        # M-Align; fed the detected landmarks it learns to follow them (measured: docs/finetune.md).
-        # EMA 0.995 (a ~200-step horizon: a 0.999 average would still hold the first, poor steps of a
-        # ~1500-step run); finetune trains stage 2 with it and the checkpoint's EMA weights are used
-        # shift_augment 2: +-8 px at 64 px sideways, the head movement between a clip's first 80 % and
-        # its last 20 % (measured: docs/finetune_results.md, round 4)
-        train=TrainConfig(lr=1e-3, batch_size=4, autoencoder_lr=1e-3, ema_decay=0.995, end_to_end=False,
-                          shift_augment=2),
-    )
+# person_config (cpu64, cpu96) and gpu_person_config (gpu128, gpu256) live in config.py with every
+# other preset; PRESETS is config's one list of names ("auto": cpu64 on a CPU, gpu256 on CUDA)
+PRESETS = PRESET_NAMES
 
 
-PRESETS = ("cpu64", "cpu96", "small", "paper", "tiny")  # tiny: tests only (32 px)
-
-
-def finetune_config(name: str, *, full_landmarks: bool = False, vae: bool = False) -> TalkFormerConfig:
-    """cpu64 / cpu96: ``person_config``; small / paper: the named presets (GPU budgets)."""
-    if name == "cpu64":
-        return person_config(64, full_landmarks=full_landmarks, vae=vae)
-    if name == "cpu96":
-        return person_config(96, full_landmarks=full_landmarks, vae=vae)
+def finetune_config(name: str, *, full_landmarks: bool = False, vae: bool = False, device: Any = None) -> TalkFormerConfig:
+    """cpu64 / cpu96: ``person_config``; gpu128 / gpu256: ``gpu_person_config``; small / paper /
+    tiny: the named presets; auto: resolved for ``device`` (config.resolve_preset)."""
+    name = resolve_preset(name, device)
+    if name in ("cpu64", "cpu96"):
+        return person_config(int(name[3:]), full_landmarks=full_landmarks, vae=vae)
+    if name in ("gpu128", "gpu256"):
+        return gpu_person_config(int(name[3:]), full_landmarks=full_landmarks, vae=vae)
     if name in ("small", "paper", "tiny"):
         cfg = named_preset(name)
         if vae:
@@ -138,6 +101,7 @@ class FinetuneResult:
     steps: dict[str, int] = field(default_factory=dict)
     report: dict[str, Any] | None = None  # holdout_report's result when --holdout
     history: list[dict[str, Any]] = field(default_factory=list)  # the held-out metrics printed while training
+    speed: dict[str, dict[str, float]] = field(default_factory=dict)  # per stage: samples/s, busy share, batch
 
 
 ProgressFn = Callable[[str, int, int, dict[str, Any]], None]  # (stage, step, total, info incl. "preview")
@@ -201,9 +165,23 @@ def _save_state(work: Path, st: dict[str, Any]) -> None:
     os.replace(tmp, p)
 
 
+def _speed_dict(m: dict[str, Any]) -> dict[str, float]:
+    return {k: float(m[k]) for k in ("samples_per_s", "steps_per_s", "busy_share", "batch_size", "compute_seconds",
+                                     "data_seconds", "wall_seconds") if k in m}
+
+
+def _speed(m: dict[str, Any], unit: str) -> str:
+    """The printed throughput: samples/s and the share of the wall time inside the training step
+    (forward, backward, optimiser; CUDA synchronised: the GPU's busy share up to launch gaps)."""
+    return (f"{m.get('samples_per_s', float('nan')):.1f} {unit}/s (batch {int(m.get('batch_size', 0))}, "
+            f"{m.get('steps_per_s', float('nan')):.2f} steps/s), {100 * m.get('busy_share', float('nan')):.0f} % of "
+            f"the wall time in the training step, {100 * m.get('data_seconds', 0.0) / max(m.get('wall_seconds', 0.0), 1e-9):.0f} % "
+            "in the data path")
+
+
 def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes: float = 30.0,
              vae: str | os.PathLike | None = None, init_landmarks: str | os.PathLike | None = None,
-             holdout: float = 0.0, device: str | None = None, resume: bool = False, preset: str = "cpu64",
+             holdout: float = 0.0, device: str | None = None, resume: bool = False, preset: str = "auto",
              steps: int | None = None, crop_size: int | None = None, lr: float | None = None,
              batch_size: int | None = None, bf16: bool = False, seed: int = 0, eval_every: int = 250,
              sampler: str = "ddim", sampler_steps: int = 25, noise_scale: float = 1.0, threads: int | None = None,
@@ -226,6 +204,10 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
                     init_landmarks=init_landmarks, steps=steps, preset=preset)
     if threads:
         torch.set_num_threads(int(threads))
+    from .train.device import fit_batches, resolve_device
+
+    dev = resolve_device(device)  # --device cuda without a GPU: an error now, not after preprocessing
+    device, preset = str(dev), resolve_preset(preset, dev)
     cfg = finetune_config(preset, full_landmarks=init_landmarks is not None, vae=vae is not None)
     if crop_size:
         cfg.model.image_size = cfg.model.autoencoder.resolution = int(crop_size)
@@ -240,6 +222,16 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
             tqdm.write(msg)
         elif print_fn is not None:
             print_fn(msg)
+
+    # the preset's bf16 on CUDA only (the CPU presets train in fp32); batches sized to the GPU's free
+    # memory, or an error naming the preset that fits, before any long work
+    bf16 = bool(bf16 or (cfg.train.bf16 and dev.type == "cuda"))
+    ae_batch = cfg.train.autoencoder_batch_size
+    if dev.type == "cuda":
+        cfg.train.batch_size, fit_ae = fit_batches(cfg, dev, bf16, train_autoencoder=vae is None, name=preset)
+        ae_batch = fit_ae if vae is None else ae_batch
+    say(f"[finetune] preset {preset} on {device}: {cfg.model.image_size} px crops, batch {cfg.train.batch_size} "
+        f"windows" + (f", autoencoder batch {ae_batch}" if vae is None else "") + (", bf16" if bf16 else ""))
 
     work = work_dir_for(out)
     st = _load_state(work) if resume else {}
@@ -288,7 +280,7 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
     if vae is None:
         ae_dir = work / "ae"
         if not st.get("ae_done"):
-            ae_budget = st.get("ae_budget") or AE_SHARE * train_minutes
+            ae_budget = st.get("ae_budget") or cfg.train.autoencoder_share * train_minutes
             st["ae_budget"] = ae_budget
             _save_state(work, {**st, "minutes": spent})
             left = ae_budget - spent.get("autoencoder", 0.0)
@@ -304,7 +296,7 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
 
             try:
                 res = train(cfg, stage="autoencoder", data=shards, out=ae_dir, steps=10 ** 7 if steps is None else
-                            max(steps, 1), batch_size=8, frames=frames, budget_minutes=max(left, 0.05),
+                            max(steps, 1), batch_size=ae_batch, frames=frames, budget_minutes=max(left, 0.05),
                             resume=(ae_dir / "last.state.safetensors").exists(), device=device, bf16=bf16, seed=seed,
                             callback=ae_cb, progress=False, log_every=10)
             finally:
@@ -315,7 +307,8 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
             st["ae_steps"] = res.metrics["final_step"]
             _save_state(work, {**st, "minutes": spent})
             say(f"[finetune] autoencoder: {res.metrics['final_step']} steps, L1 {res.metrics['l1'][-1]:.4f}, "
-                f"latent scale {res.metrics['scale_factor']:.3f}")
+                f"latent scale {res.metrics['scale_factor']:.3f}; {_speed(res.metrics, 'crops')}")
+            result.speed["autoencoder"] = _speed_dict(res.metrics)
         ae_ck = ae_dir / "last.safetensors"
     result.steps["autoencoder"] = int(st.get("ae_steps", 0))
 
@@ -352,6 +345,8 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
         spent["talkformer"] = spent.get("talkformer", 0.0) + (time.time() - t0) / 60.0
         _save_state(work, {**st, "minutes": spent})
     result.steps["talkformer"] = int(res.metrics["final_step"])
+    result.speed["talkformer"] = _speed_dict(res.metrics)
+    say(f"[finetune] talkformer: {_speed(res.metrics, 'windows')}")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.copyfile(res.checkpoint, tmp)
     os.replace(tmp, out)
@@ -667,13 +662,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train on the first 1-F of the frames and report the hold-out metrics on the rest")
     ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     ap.add_argument("--resume", action="store_true", help="continue the run in OUT.work/ (after Ctrl-C or a budget stop)")
-    ap.add_argument("--preset", default="cpu64", choices=PRESETS,
-                    help="cpu64 (default), cpu96: CPU-sized; small, paper: GPU presets")
+    ap.add_argument("--preset", default="auto", choices=PRESETS,
+                    help="auto (default: cpu64 on a CPU, gpu256 on a GPU); cpu64, cpu96: 64 / 96 px, CPU-sized; "
+                         "gpu128, gpu256: 128 / 256 px, one GPU; small, paper: the paper's recipe; tiny: tests")
     ap.add_argument("--steps", type=int, default=None, help="cap on TalkFormer steps (the budget still applies)")
     ap.add_argument("--crop-size", type=int, default=None, help="override the preset's crop size")
     ap.add_argument("--lr", type=float, default=None, help="TalkFormer learning rate (default: the preset's)")
     ap.add_argument("--batch-size", type=int, default=None, help="windows of L frames per step")
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="bf16 autocast (on by itself with the gpu presets on CUDA; on a CPU only when asked)")
     ap.add_argument("--eval-every", type=int, default=250, help="steps between the printed held-out metrics (0: off)")
     ap.add_argument("--sampler-steps", type=int, default=25, help="sampler steps of the hold-out report")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is faster on a busy machine)")
@@ -730,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.report_json:
         Path(a.report_json).write_text(json.dumps({"checkpoint": str(res.checkpoint), "minutes": res.minutes,
                                                    "steps": res.steps, "report": res.report,
-                                                   "history": res.history}, indent=1, default=float))
+                                                   "history": res.history, "speed": res.speed}, indent=1, default=float))
     print(json.dumps({"checkpoint": str(res.checkpoint), "minutes": {k: round(v, 2) for k, v in res.minutes.items()},
                       "steps": res.steps}))
     return 0

@@ -100,6 +100,9 @@ class TalkingFaceDataset(Dataset):
         self.deterministic = (split != "train") if deterministic is None else bool(deterministic)
         self.seed = int(seed)
         self.cache = cache
+        # False: "crops", "masked" (L, 0) and "reference" (0,) are empty; for a training step that
+        # reads cached latents (train.LatentCache), where the images would only cost CPU time
+        self.images = True
         self._data: dict[int, dict[str, np.ndarray]] = {}
         a, b = frames
         if not 0.0 <= a < b <= 1.0:
@@ -159,9 +162,14 @@ class TalkingFaceDataset(Dataset):
             refs = rng.choice(cand, size=N, replace=len(cand) < N)
             ref_frame = int(rng.choice(cand))
 
-        crops = _to_image(d["crops"][win])  # (L, 3, S, S)
-        masked = crops.clone()
-        masked[:, :, S // 2:] = -1.0
+        if self.images:
+            crops = _to_image(d["crops"][win])  # (L, 3, S, S)
+            masked = crops.clone()
+            masked[:, :, S // 2:] = -1.0
+            reference = _to_image(d["crops"][ref_frame])  # (3, S, S)
+        else:
+            crops = masked = torch.zeros(L, 0)
+            reference = torch.zeros(0)
         box = d["points131_box"][win].astype(np.float32)  # (L, 131, 2)
         return {
             "crops": crops,
@@ -172,7 +180,7 @@ class TalkingFaceDataset(Dataset):
             "target_crop": torch.from_numpy(d["points131_crop"][win].astype(np.float32)),
             "landmark_box": torch.from_numpy(d["landmark_boxes"][win].astype(np.float32)),  # (L, 4)
             "crop_box": torch.from_numpy(d["crop_boxes"][win].astype(np.float32)),  # (L, 3)
-            "reference": _to_image(d["crops"][ref_frame]),  # (3, S, S)
+            "reference": reference,
             "ref_landmarks": torch.from_numpy(d["points131_box"][refs].astype(np.float32)),  # (N, 131, 2)
             "frame_index": torch.from_numpy(win.astype(np.int64)),
             "clip_index": torch.tensor(ci, dtype=torch.int64),

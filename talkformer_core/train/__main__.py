@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from ..config import preset
+from ..config import PRESET_NAMES, preset
 from .loop import STAGES, train
 
 
@@ -17,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m talkformer_core.train", description=__doc__.splitlines()[0])
     ap.add_argument("--stage", choices=STAGES, required=True)
     ap.add_argument("--data", required=True, help="shard folder from talkformer_core.data.preprocess")
-    ap.add_argument("--preset", default="small", help="tiny, small or paper")
+    ap.add_argument("--preset", default="small", choices=PRESET_NAMES,
+                    help="model and training preset (config.PRESET_NAMES, the list finetune offers; tiny: tests)")
     ap.add_argument("--config", default=None, help="a config JSON file instead of --preset")
     ap.add_argument("--out", required=True, help="run folder (checkpoint, state, logs, previews)")
     ap.add_argument("--crop-size", type=int, default=None, help="override the config's image_size")

@@ -532,7 +532,8 @@ def train(cfg: TalkFormerConfig | str, *, stage: str, data: str | Path, out: str
           preview_steps: int = 10, save_every: int = 0, seed: int = 0, frames: tuple[float, float] = (0.0, 1.0),
           num_workers: int = 0, budget_minutes: float | None = None,
           callback: Callable[[int, int, dict[str, float]], None] | None = None,
-          progress: bool = True, log_every: int = 1, cache_latents: bool | None = None) -> TrainResult:
+          progress: bool = True, log_every: int = 1, cache_latents: bool | None = None,
+          channels_last: bool | None = None) -> TrainResult:
     """Train one stage; returns the final checkpoint path and the metrics (per-step losses).
 
     ``batch_size`` is per process and micro-batch; the global batch is batch_size x world x
@@ -541,7 +542,11 @@ def train(cfg: TalkFormerConfig | str, *, stage: str, data: str | Path, out: str
     propagates. ``budget_minutes`` stops cleanly (checkpoint written) when the wall clock runs out.
     ``cache_latents`` (stage talkformer): encode every training frame with the frozen autoencoder
     once (``LatentCache``) instead of three encodes per frame per step; None = when the cache fits
-    in LATENT_CACHE_MAX_BYTES.
+    in LATENT_CACHE_MAX_BYTES. ``bf16``: autocast to bfloat16 (CUDA, or a CPU that asks for it).
+    ``channels_last`` (None = on CUDA): NHWC weights, cuDNN's tensor-core layout for bf16 convs.
+    The metrics also say where the wall time went: ``compute_seconds`` (forward, backward and
+    optimiser step; CUDA synchronised, so it is the GPU's busy time up to the launch gaps),
+    ``data_seconds`` (batch assembly and transfer), ``busy_share`` and ``samples_per_s``.
     """
     from tqdm import tqdm
 
@@ -622,6 +627,8 @@ def train(cfg: TalkFormerConfig | str, *, stage: str, data: str | Path, out: str
                 init_landmarks_from(model, init_landmarks)
         model.autoencoder.eval()
     model.to(dev)
+    if channels_last if channels_last is not None else dev.type == "cuda":
+        model.to(memory_format=torch.channels_last)
     if grad_checkpointing and stage == "talkformer":
         enable_grad_checkpointing(model.unet)
         if model.appearance is not None:
@@ -658,6 +665,8 @@ def train(cfg: TalkFormerConfig | str, *, stage: str, data: str | Path, out: str
         if cache_latents or need <= LATENT_CACHE_MAX_BYTES:
             step_module.latents = LatentCache(model, dataset, dev)
             metrics_cache = need
+            if not preview_every:  # the step reads latents only: no image tensors per sample
+                dataset.images = False
         else:
             metrics_cache = 0
     else:
@@ -688,7 +697,9 @@ def train(cfg: TalkFormerConfig | str, *, stage: str, data: str | Path, out: str
                                          generator=torch.Generator().manual_seed(seed))
     logger = Logger(out, start_step, dd.main)
     metrics: dict[str, Any] = {"loss": [], "steps": [], "start_step": start_step, "latent_cache_bytes": metrics_cache}
-    autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16 and dev.type == "cuda")
+    autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16 and dev.type in ("cuda", "cpu"))
+    sync_dev = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    t_compute = t_data = 0.0
 
     def save(step: int) -> None:
         if not dd.main:
@@ -724,7 +735,10 @@ def train(cfg: TalkFormerConfig | str, *, stage: str, data: str | Path, out: str
             loss_sum = 0.0
             last_batch = None
             for a in range(grad_accum):
+                t0 = time.perf_counter()
                 batch = _to(next(it), dev)
+                t1 = time.perf_counter()
+                t_data += t1 - t0
                 last_batch = batch
                 g = torch.Generator(device=dev).manual_seed(_seed_of(seed, step, dd.rank * grad_accum + a))
                 sync = dd.world == 1 or a == grad_accum - 1
@@ -736,11 +750,15 @@ def train(cfg: TalkFormerConfig | str, *, stage: str, data: str | Path, out: str
                 loss_sum += float(loss.detach()) / grad_accum
                 for k, v in logs.items():
                     logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / grad_accum
+                t_compute += time.perf_counter() - t1
+            t1 = time.perf_counter()
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip) if cfg.train.grad_clip > 0 else None
             opt.step()
             step += 1
             if ema_obj is not None:
                 ema_obj.update(step)
+            sync_dev()
+            t_compute += time.perf_counter() - t1
             n_done += 1
             vals = {"loss": loss_sum, **logs_sum}
             if dd.world > 1:  # log the mean over processes
@@ -783,6 +801,11 @@ def train(cfg: TalkFormerConfig | str, *, stage: str, data: str | Path, out: str
     bar.close()
     elapsed = time.time() - t_start
     metrics["steps_per_s"] = n_done / elapsed if elapsed > 0 else float("nan")
+    per_step = cfg.train.batch_size * dd.world * grad_accum
+    metrics.update(compute_seconds=t_compute, data_seconds=t_data, wall_seconds=elapsed,
+                   busy_share=t_compute / elapsed if elapsed > 0 else float("nan"),
+                   samples_per_s=n_done * per_step / elapsed if elapsed > 0 else float("nan"),
+                   batch_size=cfg.train.batch_size)
     metrics["final_step"] = step
 
     if stage == "autoencoder":  # LDM: scale factor = 1 / std of the training latents
