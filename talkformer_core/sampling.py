@@ -91,11 +91,14 @@ class SpeedOptions:
         The landmark network stays fp32 (coordinates want the precision; it is tiny).
     compile: ``torch.compile`` the U-Net (fuses the norms and elementwise ops; minutes of compile
         time per new batch shape, so off unless asked; falls back to eager if it fails).
+    fused_encode: the masked and the whole crops through the encoder as one batch of 2B (a fuller
+        GPU batch; on the CPU a different batch size rounds differently).
     """
 
     channels_last: bool | None = None
     half_weights: bool | None = None
     compile: bool = False
+    fused_encode: bool | None = None
 
 
 def apply_speed(model: "LoadedModel", options: SpeedOptions | None = None) -> "LoadedModel":
@@ -106,8 +109,9 @@ def apply_speed(model: "LoadedModel", options: SpeedOptions | None = None) -> "L
     half = (cuda and model.dtype != torch.float32) if o.half_weights is None else bool(o.half_weights)
     if model.kind != "talkformer":
         return model
-    key = (cl, half, bool(o.compile))
-    if getattr(model, "speed_key", None) == key or (key == (False, False, False) and
+    fused = cuda if o.fused_encode is None else bool(o.fused_encode)
+    key = (cl, half, bool(o.compile), fused)
+    if getattr(model, "speed_key", None) == key or (key == (False, False, False, False) and
                                                      getattr(model, "speed_key", None) is None):
         return model  # (the CPU default touches nothing)
     tf = model.model
@@ -117,6 +121,7 @@ def apply_speed(model: "LoadedModel", options: SpeedOptions | None = None) -> "L
         if half and model.dtype != torch.float32:
             m.to(model.dtype)
     model.channels_last, model.half_weights = cl, half and model.dtype != torch.float32
+    model.fused_encode = fused
     model.compiled_unet = None
     if o.compile and hasattr(torch, "compile"):
         model.compiled_unet = _safe_compile(tf.unet)
@@ -210,7 +215,7 @@ def _encode_known(model: "LoadedModel", crops: np.ndarray) -> tuple[torch.Tensor
     tf = model.model
     with _net_ctx(model):
         x_crops = _in(model, crops_to_tensor(crops, model.device))
-        if model.device.type == "cuda":  # one encoder pass of 2B crops: a fuller GPU batch
+        if getattr(model, "fused_encode", False):  # one encoder pass of 2B crops: a fuller GPU batch
             masked = x_crops.clone()
             masked[:, :, x_crops.shape[2] // 2:] = -1.0  # as TalkFormer.encode_masked
             known, upper = tf.encode(torch.cat([masked, x_crops])).float().chunk(2)

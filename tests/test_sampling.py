@@ -266,6 +266,25 @@ def test_speed_knobs_on_the_cpu():
     assert psnr > 30, psnr
 
 
+def test_speed_knobs_with_temporal_attention_and_fused_encode():
+    """The GPU knob set (channels_last, bf16 weights, one encoder pass) through the parallel
+    Temp-Att chains (motion features in bf16) stays close to the fp32 CPU path."""
+    crops, lms = inputs(23)
+    outs = {}
+    for name, dtype, speed in (("fp32", torch.float32, None),
+                               ("fused", torch.float32, S.SpeedOptions(fused_encode=True)),
+                               ("gpu_set", torch.bfloat16, S.SpeedOptions(channels_last=True, half_weights=True,
+                                                                          fused_encode=True))):
+        m = loaded(True)
+        m.dtype = dtype
+        ref = P.encode_reference(m, crops[0])
+        fs = S.FaceSampler(m, ref, steps=2, batch_size=15, segment=10, overlap=3, speed=speed)
+        outs[name] = fs(crops, lms).astype(np.float64)
+    assert np.abs(outs["fused"] - outs["fp32"]).max() <= 2  # batch 2B instead of B: rounding only
+    psnr = 10 * np.log10(255.0 ** 2 / np.mean((outs["gpu_set"] - outs["fp32"]) ** 2))
+    assert psnr > 30, psnr
+
+
 def test_temporal_attention_in_batch_pieces_is_exact(monkeypatch):
     """Temp-Att's many short sequences go through SDPA in pieces (CUDA grids cap the batch); the
     pieces give the same output as one call."""
