@@ -180,7 +180,9 @@ def _core_chain(upscale: bool = False, previews: bool = False) -> tuple[list[N],
         N(10, "TalkFormerSampler", (x[4], 0), {"steps": 25, "sampler": "ddim", "seed": 0, "eta": 0.0}),
         N(11, "TalkFormerBlendFace", (x[4], 360), {"feather": -1}),
         N(12, "CreateVideo", (x[5], 0), {"fps": 25.0}),
-        N(13, "SaveVideo", (x[5], 170), {"filename_prefix": "talkformer/lipsync", "format": "auto", "codec": "auto"},
+        N(16, "TalkFormerMarkVideo", (x[5], 170), {"c2pa_cert": "", "c2pa_key": "", "filename_prefix": ""},
+          title="Mark Video (provenance tag, optional C2PA)"),
+        N(13, "SaveVideo", (x[5], 400), {"filename_prefix": "talkformer/lipsync", "format": "auto", "codec": "auto"},
           size=(300, 400)),
         N(14, "MarkdownNote", (x[0], 820), {"text": NOTE.format(ckpt=CHECKPOINT)}, title="Read me", size=(520, 260)),
     ]
@@ -195,7 +197,7 @@ def _core_chain(upscale: bool = False, previews: bool = False) -> tuple[list[N],
         (9, "landmarks", 10, "landmarks"), (8, "reference", 10, "reference"),
         (5, "images", 11, "images"), (10, "face_crops", 11, "face_crops"), (7, "face_track", 11, "face_track"),
         (5, "audio", 12, "audio"), (4, "fps", 12, "fps"),
-        (12, "VIDEO", 13, "video"),
+        (12, "VIDEO", 16, "video"), (16, "video", 13, "video"),
     ]
     if upscale:
         nodes.append(N(15, "ImageScaleBy", (x[4], 560), {"upscale_method": "lanczos", "scale_by": 2.0},
@@ -207,7 +209,7 @@ def _core_chain(upscale: bool = False, previews: bool = False) -> tuple[list[N],
     if previews:
         links.append((5, "images", 9, "images"))  # Complete Landmarks draws its preview on the crops
         for nid, (src, out) in enumerate([(7, "preview"), (9, "preview"), (10, "face_crops"), (11, "images")], start=20):
-            xx, y = {7: (x[2], 560), 9: (x[3], 560), 10: (x[4], 560), 11: (x[5], 620)}[src]
+            xx, y = {7: (x[2], 560), 9: (x[3], 560), 10: (x[4], 560), 11: (x[4], 900)}[src]
             nodes.append(N(nid, "PreviewImage", (xx, y), size=(300, 300),
                            title={7: "Face track", 9: "Predicted landmarks", 10: "Generated faces",
                                   11: "Blended frames"}[src]))
