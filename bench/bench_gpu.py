@@ -282,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         except torch.cuda.OutOfMemoryError as e:  # a row too large for this device: report, go on
             torch.cuda.empty_cache()
             r = {**{k: v for k, v in row.items() if k != "speed"}, "status": f"out of memory: {e}"[:200]}
+        except Exception as e:  # noqa: BLE001  (one failing row must not cost the device run the others)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            r = {**{k: v for k, v in row.items() if k != "speed"}, "status": f"error: {type(e).__name__}: {e}"[:300]}
         r.update({f"flops_{k}": v for k, v in flops[key].items()})
         result["rows"].append(r)
         print(table({**result, "rows": [r]}).splitlines()[-1], flush=True)
