@@ -10,7 +10,8 @@ the frames (``autoencoder_share`` of the training minutes), then TalkFormer with
 mouth model; batches sized to the device, bf16 on CUDA (the preset's). A shard at a larger crop
 than the preset's is resized (area) to it, so cpu64 trains on the same frames. Then the held-out
 frames are generated twice (``finetune.generate``: audio-driven, and with the test frames'
-landmarks) and saved, uint8, in a compressed ``--out`` .npz with the run's numbers (steps,
+landmarks) and saved, losslessly (``data.packed.encode_images``), in a compressed ``--out`` .npz
+with the run's numbers (steps,
 minutes, samples/s, busy share). ``bench/score_gpu_finetune.py`` scores those files where
 mediapipe is (the 256 px ruler, the baselines) and draws the grid. ``--minutes`` is the process's
 whole wall clock: setup, both stages and the sampling.
@@ -171,9 +172,13 @@ def main(argv: list[str] | None = None) -> int:
             "peak_gpu_gib": torch.cuda.max_memory_allocated(dev) / 1024 ** 3 if dev.type == "cuda" else None,
             "minutes": (time.time() - t_start) / 60.0, "config": cfg.to_dict()}
     out.parent.mkdir(parents=True, exist_ok=True)
+    from talkformer_core.data.packed import encode_images
+
+    enc = {}
+    for k, v in gen.items():  # lossless WebP: a third of zlib's size (returned files are capped)
+        enc.update(encode_images(v.astype(np.uint8), k))
     np.savez_compressed(out, test_idx=h.test_idx.astype(np.int64), train_idx=h.train_idx.astype(np.int64),
-                        meta=np.array(json.dumps(meta, default=float)),
-                        **{k: v.astype(np.uint8) for k, v in gen.items()})
+                        meta=np.array(json.dumps(meta, default=float)), **enc)
     print(f"[gpu_finetune] wrote {out} ({out.stat().st_size / 2 ** 20:.1f} MiB): {len(h.test_idx)} held-out frames, "
           f"sampling {sample_s:.0f} s, {meta['minutes']:.2f} min in all"
           + (f", peak {meta['peak_gpu_gib']:.1f} GiB" if meta["peak_gpu_gib"] else ""), flush=True)

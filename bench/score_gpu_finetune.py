@@ -32,6 +32,8 @@ PRESET_ORDER = ("gpu256", "gpu128", "cpu96", "cpu64", "person64", "person96")
 
 def load_results(paths: list[str]) -> dict[str, dict[str, dict]]:
     """{shard file name: {preset: {"meta", "test_idx", "ours_landmarks", "ours_audio"}}}."""
+    from talkformer_core.data.packed import decode_images
+
     files: list[Path] = []
     for p in map(Path, paths):
         files += sorted(p.glob("*.npz")) if p.is_dir() else [p]
@@ -41,7 +43,10 @@ def load_results(paths: list[str]) -> dict[str, dict[str, dict]]:
             if "meta" not in z.files:
                 continue
             meta = json.loads(str(z["meta"]))
-            r = {"meta": meta, "file": str(f), **{k: z[k] for k in ("test_idx", "ours_landmarks", "ours_audio")}}
+            arrays = {k: z[k] for k in z.files}
+        r = {"meta": meta, "file": str(f), "test_idx": arrays["test_idx"]}
+        for key, _ in MODES:  # lossless WebP (data.packed.encode_images), or plain uint8 arrays
+            r[key] = arrays[key] if key in arrays else decode_images(arrays, key, str(f))
         out.setdefault(meta["shard"], {})[meta["preset"]] = r
     return out
 

@@ -262,6 +262,10 @@ def test_packed_shard_round_trip_is_exact(shards, tmp_path):
     assert set(back) == set(orig)
     for k in orig:
         np.testing.assert_array_equal(back[k], orig[k], err_msg=k)
+    from talkformer_core.data.packed import decode_images, encode_images
+
+    noise = np.random.default_rng(1).integers(0, 256, (3, 16, 24, 3), dtype=np.uint8)  # lossless even on noise
+    np.testing.assert_array_equal(decode_images(encode_images(noise, "x"), "x"), noise)
 
 
 def test_gpu_bench_script_runs_without_mediapipe_or_pyav(shards, tmp_path):
@@ -281,16 +285,17 @@ def test_gpu_bench_script_runs_without_mediapipe_or_pyav(shards, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     with np.load(out) as z:
         meta = json.loads(str(z["meta"]))
-        gen, test_idx = z["ours_audio"], z["test_idx"]
-        assert z["ours_landmarks"].shape == gen.shape
     assert meta["steps"] == {"autoencoder": 2, "talkformer": 2} and meta["preset"] == "tiny"
-    assert gen.dtype == np.uint8 and gen.shape == (len(test_idx), 32, 32, 3) and len(test_idx) >= 3
     assert meta["speed"]["talkformer"]["samples_per_s"] > 0
-    # the scorer (the truth shard must be 256 px: here the 32 px shard is accepted only by the check)
+    # the scorer reads the (WebP-encoded) crops back; its truth shard must be 256 px
     sys.path.insert(0, str(ROOT / "bench"))
     import score_gpu_finetune as S
 
     runs = S.load_results([str(out.parent)])
     assert list(runs) == [src.name] and list(runs[src.name]) == ["tiny"]
+    r = runs[src.name]["tiny"]
+    gen, test_idx = r["ours_audio"], r["test_idx"]
+    assert gen.dtype == np.uint8 and gen.shape == (len(test_idx), 32, 32, 3) and len(test_idx) >= 3
+    assert r["ours_landmarks"].shape == gen.shape
     with pytest.raises(SystemExit, match="256 px shard"):
         S.score_clip(src, runs[src.name], meta["holdout"], landmarks=False)

@@ -24,42 +24,54 @@ PACKED_KEYS = ("crops_encoded", "crops_offsets", "crops_shape")
 _WEBP_LOSSLESS = 101  # OpenCV: a WebP quality above 100 selects lossless
 
 
-def pack_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Shard arrays -> packed arrays (crops as lossless WebP bytes, concatenated, with offsets)."""
+def encode_images(images: np.ndarray, name: str = "crops") -> dict[str, np.ndarray]:
+    """(T, H, W, 3) uint8 RGB -> {name_encoded, name_offsets, name_shape}: lossless WebP bytes."""
     import cv2
 
-    crops = arrays["crops"]
     blobs = []
-    for c in crops:
+    for c in images:
         ok, buf = cv2.imencode(".webp", np.ascontiguousarray(c[..., ::-1]), [cv2.IMWRITE_WEBP_QUALITY, _WEBP_LOSSLESS])
         if not ok:
             raise InputError("this OpenCV build cannot write WebP images")
         blobs.append(buf.reshape(-1))
     offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+    data = np.concatenate(blobs).astype(np.uint8) if blobs else np.zeros(0, np.uint8)
+    return {f"{name}_encoded": data, f"{name}_offsets": offsets, f"{name}_shape": np.array(images.shape, np.int64)}
+
+
+def decode_images(arrays: dict[str, np.ndarray], name: str = "crops", source: str = "packed file") -> np.ndarray:
+    """The inverse of ``encode_images`` (checked against the stored shape)."""
+    import cv2
+
+    keys = [f"{name}_{k}" for k in ("encoded", "offsets", "shape")]
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise InputError(f"{source}: missing {missing}; expected the output of "
+                         "python -m talkformer_core.data.packed pack")
+    enc, off, shape = arrays[keys[0]], arrays[keys[1]], tuple(int(v) for v in arrays[keys[2]])
+    out = np.empty(shape, np.uint8)
+    for t in range(shape[0]):
+        img = cv2.imdecode(enc[off[t]:off[t + 1]], cv2.IMREAD_COLOR)
+        if img is None or img.shape != shape[1:]:
+            raise InputError(f"{source}: {name} image {t} could not be decoded (this OpenCV build may lack WebP)")
+        out[t] = img[..., ::-1]
+    return out
+
+
+def pack_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Shard arrays -> packed arrays (crops as lossless WebP bytes, concatenated, with offsets)."""
     out = {k: v for k, v in arrays.items() if k != "crops"}
-    out.update(crops_encoded=np.concatenate(blobs).astype(np.uint8), crops_offsets=offsets,
-               crops_shape=np.array(crops.shape, np.int64))
+    out.update(encode_images(arrays["crops"], "crops"))
     return out
 
 
 def unpack_arrays(packed: dict[str, np.ndarray], source: str = "packed shard") -> dict[str, np.ndarray]:
     """Packed arrays -> the shard's arrays (crops decoded, checked against the stored shape)."""
-    import cv2
-
-    missing = [k for k in PACKED_KEYS if k not in packed]
-    if missing:
-        raise InputError(f"{source}: not a packed shard (missing {missing}); expected the output of "
-                         "python -m talkformer_core.data.packed pack")
-    shape = tuple(int(v) for v in packed["crops_shape"])
-    enc, off = packed["crops_encoded"], packed["crops_offsets"]
-    crops = np.empty(shape, np.uint8)
-    for t in range(shape[0]):
-        img = cv2.imdecode(enc[off[t]:off[t + 1]], cv2.IMREAD_COLOR)
-        if img is None or img.shape != shape[1:]:
-            raise InputError(f"{source}: crop {t} could not be decoded (this OpenCV build may lack WebP)")
-        crops[t] = img[..., ::-1]
+    if not all(k in packed for k in PACKED_KEYS):
+        raise InputError(f"{source}: not a packed shard (missing {[k for k in PACKED_KEYS if k not in packed]}); "
+                         "expected the output of python -m talkformer_core.data.packed pack")
     out = {k: v for k, v in packed.items() if k not in PACKED_KEYS}
-    out["crops"] = crops
+    out["crops"] = decode_images(packed, "crops", source)
     return out
 
 
