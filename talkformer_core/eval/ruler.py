@@ -97,6 +97,7 @@ def write_png(path: str | os.PathLike, img: np.ndarray) -> Path:
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(p), np.ascontiguousarray(np.asarray(img, np.uint8)[..., ::-1])):
+    if not cv2.imwrite(str(p), np.ascontiguousarray(np.asarray(img, np.uint8)[..., ::-1]),
+                       [cv2.IMWRITE_PNG_COMPRESSION, 9]):  # docs/ pictures live in git: smallest lossless
         raise InputError(f"{p}: could not write the PNG")
     return p
