@@ -9,7 +9,9 @@ the warm-up-only variant), detects the lips with mediapipe at 256 px, and measur
 lip points' second difference |p[t+1] - 2 p[t] + p[t-1]| (px at 256; smooth motion cancels, a
 jump does not). Reported: its mean at the frames around each seam (the overlap and the first
 frame after it) and elsewhere, for each run; the serial chain at the same frames is the control
-(the clip's own motion there). The checkpoint must have temporal attention (ModelConfig).
+(the clip's own motion there). Also the same second difference of the lower half's pixels
+(grey levels; no detector needed, for models whose faces mediapipe does not find). The checkpoint
+must have temporal attention (ModelConfig).
 """
 from __future__ import annotations
 
@@ -83,11 +85,17 @@ def main(argv: list[str] | None = None) -> int:
         gen = S.FaceSampler(model, ref, steps=a.steps, sampler=a.sampler, **kw)(crops, lms)
         pts = _points478(gen)[:, lips]  # (T, 40, 2) px at 256
         d = second_difference(pts)
-        row = {"seam_mean": float(np.nanmean(d[seams])), "inside_mean": float(np.nanmean(d[inside]))}
-        row["seam_over_inside"] = row["seam_mean"] / row["inside_mean"]
+        S_ = gen.shape[1]
+        pix = second_difference(gen[:, S_ // 2:].reshape(len(gen), -1, 1).astype(np.float64))  # lower half
+        row = {"detected": float(np.mean(~np.isnan(pts).any(axis=(1, 2))))}
+        for key, v in (("lip", d), ("pixel", pix)):
+            with np.errstate(all="ignore"):
+                row[f"{key}_seam"] = float(np.nanmean(v[seams])) if np.isfinite(v[seams]).any() else None
+                row[f"{key}_inside"] = float(np.nanmean(v[inside])) if np.isfinite(v[inside]).any() else None
+            if row[f"{key}_seam"] is not None and row[f"{key}_inside"]:
+                row[f"{key}_ratio"] = row[f"{key}_seam"] / row[f"{key}_inside"]
         res["runs"][name] = row
-        print(f"{name:20} lip 2nd difference: seams {row['seam_mean']:.3f} px, inside {row['inside_mean']:.3f} px "
-              f"(ratio {row['seam_over_inside']:.2f})", flush=True)
+        print(f"{name:20} {row}", flush=True)
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
     return 0

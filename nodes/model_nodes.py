@@ -128,6 +128,13 @@ class LoadTalkFormerModel:
                 raise CheckpointError(f"{e}. ComfyUI holds this VAE in {dt}; the checkpoint records the fp32 "
                                       f"weights' hash: start ComfyUI with --fp32-vae") from None
             raise
+        from pathlib import Path
+
+        from talkformer_core.models.checkpoint import purpose_warning
+
+        why = purpose_warning(loaded.metadata)  # the core's warning (e.g. the demo checkpoint), in the log
+        if why is not None:
+            print(f"[TalkFormer] Load TalkFormer Model: {Path(path).name}: {why}")
         patcher = None
         if mm is not None and mp is not None:
             patcher = mp.ModelPatcher(loaded.model, load_device=device, offload_device=load_device)

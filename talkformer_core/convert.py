@@ -35,7 +35,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, TalkFormerError
 
 KIND = "iplap"
 PREFIX = {"landmark_generator": "landmark", "renderer": "renderer"}
@@ -177,8 +177,10 @@ def iplap_config(with_renderer: bool) -> dict[str, Any]:
 
 def convert_iplap(landmark_generator: str | Path, out: str | Path, renderer: str | Path | None = None) -> Path:
     """Read IP-LAP's .pth file(s), check them, write one safetensors checkpoint (kind "iplap")."""
-    from .models.checkpoint import save_checkpoint
+    from .models.checkpoint import PURPOSE_KEY, save_checkpoint
+    from .paths import check_output_file
 
+    check_output_file(out, "--out")  # before reading (and checking) the .pth files
     lg, lg_info = read_iplap_state_dict(landmark_generator, "landmark_generator")
     modules: dict[str, Mapping[str, torch.Tensor]] = {PREFIX["landmark_generator"]: lg}
     source: dict[str, Any] = {"landmark_generator": lg_info}
@@ -188,7 +190,7 @@ def convert_iplap(landmark_generator: str | Path, out: str | Path, renderer: str
         source["renderer"] = rd_info
     source["iplap_commit"] = "9b9dc03"
     return save_checkpoint(out, modules, iplap_config(renderer is not None), kind=KIND,
-                           extra_metadata={"source": json.dumps(source, sort_keys=True)})
+                           extra_metadata={"source": json.dumps(source, sort_keys=True), PURPOSE_KEY: "iplap"})
 
 
 @dataclass
@@ -240,21 +242,32 @@ def load_iplap_checkpoint(path: str | Path, device: str | torch.device = "cpu",
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m talkformer_core.convert",
-                                 description="Import foreign weights into a safetensors checkpoint.")
-    sub = ap.add_subparsers(dest="format", required=True)
-    ip = sub.add_parser("iplap", help="IP-LAP's landmark generator (and renderer) .pth files")
+def build_parser() -> argparse.ArgumentParser:
+    from .clitools import HelpFormatter, parser
+
+    ap = parser("convert", "Import foreign weights into a safetensors checkpoint.")
+    sub = ap.add_subparsers(dest="format", required=True, metavar="FORMAT",
+                            help="iplap: IP-LAP's landmark generator (and renderer) .pth files")
+    ip = sub.add_parser("iplap", help="IP-LAP's landmark generator (and renderer) .pth files",
+                        description="IP-LAP's public .pth weights -> one safetensors checkpoint (docs/iplap.md).",
+                        formatter_class=HelpFormatter)
     ip.add_argument("--landmark-generator", required=True, metavar="L.pth",
                     help="IP-LAP's landmarkgenerator_checkpoint.pth")
     ip.add_argument("--renderer", metavar="R.pth", help="IP-LAP's renderer_checkpoint.pth (optional)")
-    ip.add_argument("--out", required=True, metavar="M.safetensors")
-    args = ap.parse_args(argv)
+    ip.add_argument("--out", required=True, metavar="M.safetensors", help="the checkpoint to write")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         out = convert_iplap(args.landmark_generator, args.out, args.renderer)
-    except CheckpointError as e:
+    except TalkFormerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; no output written", file=sys.stderr)
+        return 130
     from .models.checkpoint import safetensors_keys
 
     keys = safetensors_keys(out)

@@ -61,20 +61,30 @@ def frontend_preview(video: Path, out: Path, crop_size: int = 256, face_index: i
     }
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+def build_parser() -> argparse.ArgumentParser:
+    from .clitools import parser
+
+    ap = parser("demo", "The README's main job: make a sample talking clip (or take yours), run the front end "
+                        "on it and lip-sync it with the demo checkpoint. Downloads nothing.")
+    ap.add_argument("--out", default="out/demo", help="output folder")
     ap.add_argument("--video", help="your own template video (default: a sample made on the spot)")
     ap.add_argument("--audio", help="your own driving audio (default: new synthetic speech)")
     ap.add_argument("--checkpoint", help=f"TalkFormer checkpoint (default: {DEMO_CHECKPOINT.name} if present)")
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--device", default="cpu")
-    a = ap.parse_args(argv)
+    ap.add_argument("--steps", type=int, default=25, help="sampler steps of the lip-sync")
+    ap.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps")
+    return ap
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     from .errors import TalkFormerError
 
     try:
+        from .paths import check_output_dir
+
+        check_output_dir(out)
+        out.mkdir(parents=True, exist_ok=True)
         if a.video:
             video = Path(a.video)
         else:
@@ -91,12 +101,22 @@ def main(argv=None) -> int:
         print(f"wrote {out / 'frontend_preview.mp4'}")
         ckpt = Path(a.checkpoint) if a.checkpoint else (DEMO_CHECKPOINT if DEMO_CHECKPOINT.exists() else None)
         if ckpt is not None:
-            _lipsync_demo(video, a.audio, ckpt, out, a.steps, a.device)
+            import warnings
+
+            from .models.checkpoint import DemoCheckpointWarning
+
+            with warnings.catch_warnings():
+                if not a.video:  # the demo checkpoint on its own synthetic face: what it is for
+                    warnings.simplefilter("ignore", DemoCheckpointWarning)
+                _lipsync_demo(video, a.audio, ckpt, out, a.steps, a.device)
         else:
             print("no checkpoint given and no demo checkpoint shipped: lip-sync step skipped")
     except TalkFormerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     return 0
 
 

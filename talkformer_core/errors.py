@@ -23,3 +23,8 @@ class FaceError(InputError):
 
 class CheckpointError(TalkFormerError, ValueError):
     """A checkpoint of the wrong format, kind, shape or config."""
+
+
+class OutputError(InputError):
+    """An output path that cannot be written (read-only folder, a file where a folder is needed,
+    a folder where a file is needed, a full disk)."""

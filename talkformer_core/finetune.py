@@ -15,7 +15,8 @@ the preset's ``autoencoder_share`` (0.3) of what is left and TalkFormer the rest
 the hold-out report). ``--preset auto`` (the default) is cpu64 on a CPU and gpu256 on CUDA; on CUDA the
 batches shrink to the free memory if needed, and each stage prints samples/s and the share of the
 wall time spent in the training step (docs/finetune.md).
-``--steps`` caps the TalkFormer steps as well (tests, GPUs). Work files live in ``OUT.work/``
+``--steps`` caps the TalkFormer steps as well, ``--ae-steps`` the autoencoder's (default: ``--steps``);
+with a generous budget the two make a run step-driven, the same on any machine (tests). Work files live in ``OUT.work/``
 (shards, both run folders); ``--resume`` continues a run stopped by Ctrl-C, an interrupt or the
 budget from there (train's bit-exact resume), with the budget's unspent part.
 
@@ -109,7 +110,7 @@ ProgressFn = Callable[[str, int, int, dict[str, Any]], None]  # (stage, step, to
 
 def validate_inputs(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes: float, holdout: float,
                     vae: str | os.PathLike | None, init_landmarks: str | os.PathLike | None,
-                    steps: int | None, preset: str) -> None:
+                    steps: int | None, preset: str, ae_steps: int | None = None) -> None:
     """Every bad argument, before any long work (clear errors naming the file)."""
     from .video import probe_video
 
@@ -125,6 +126,8 @@ def validate_inputs(video: str | os.PathLike, out: str | os.PathLike, *, budget_
         raise InputError(f"--holdout {holdout}: expected a fraction in [0, {MAX_HOLDOUT}] (0 = train on all frames)")
     if steps is not None and steps < 1:
         raise InputError(f"--steps {steps}: expected >= 1")
+    if ae_steps is not None and ae_steps < 1:
+        raise InputError(f"--ae-steps {ae_steps}: expected >= 1")
     if preset not in PRESETS:
         raise InputError(f"--preset {preset!r}: expected one of {PRESETS}")
     for name, p in (("--vae", vae), ("--init-landmarks", init_landmarks)):
@@ -132,6 +135,9 @@ def validate_inputs(video: str | os.PathLike, out: str | os.PathLike, *, budget_
             raise InputError(f"{name} {p}: no such file; expected a .safetensors file")
     if Path(out).suffix != ".safetensors":
         raise InputError(f"--out {out}: expected a .safetensors file name")
+    from .paths import check_output_file
+
+    check_output_file(out, "--out")  # OUT and OUT.work/ share its folder
 
 
 def work_dir_for(out: str | os.PathLike) -> Path:
@@ -182,13 +188,15 @@ def _speed(m: dict[str, Any], unit: str) -> str:
 def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes: float = 30.0,
              vae: str | os.PathLike | None = None, init_landmarks: str | os.PathLike | None = None,
              holdout: float = 0.0, device: str | None = None, resume: bool = False, preset: str = "auto",
-             steps: int | None = None, crop_size: int | None = None, lr: float | None = None,
+             steps: int | None = None, ae_steps: int | None = None, crop_size: int | None = None, lr: float | None = None,
              batch_size: int | None = None, bf16: bool = False, seed: int = 0, eval_every: int = 250,
              sampler: str = "ddim", sampler_steps: int = 25, noise_scale: float = 1.0, threads: int | None = None,
              progress: ProgressFn | None = None, tqdm_bar: bool = True,
              print_fn: Callable[[str], None] | None = print) -> FinetuneResult:
     """Train a person-specific TalkFormer on one clip (see the module doc). Returns the result.
 
+    ``steps`` / ``ae_steps`` cap the TalkFormer / autoencoder steps (``ae_steps`` defaults to
+    ``steps``); the budget still applies, so a step-driven run gives it room.
     ``progress(stage, step, total, info)`` runs after every optimiser step (info: losses; every
     ``eval_every`` steps also "metrics" and "preview", an RGB uint8 grid); raising from it stops
     training after a resumable checkpoint is written, and the exception propagates.
@@ -201,7 +209,9 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
     t_all = time.time()
     video, out = Path(video), Path(out)
     validate_inputs(video, out, budget_minutes=budget_minutes, holdout=holdout, vae=vae,
-                    init_landmarks=init_landmarks, steps=steps, preset=preset)
+                    init_landmarks=init_landmarks, steps=steps, preset=preset, ae_steps=ae_steps)
+    if ae_steps is None:
+        ae_steps = steps
     if threads:
         torch.set_num_threads(int(threads))
     from .train.device import fit_batches, resolve_device
@@ -287,7 +297,7 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
             say(f"[finetune] stage autoencoder: {max(left, 0):.1f} min")
             t0 = time.time()
 
-            bar = _BudgetBar("autoencoder", left, steps, enabled=tqdm_bar)
+            bar = _BudgetBar("autoencoder", left, ae_steps, enabled=tqdm_bar)
 
             def ae_cb(step: int, total: int, vals: dict[str, float]) -> None:
                 bar.step(step, vals)
@@ -295,8 +305,8 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
                     progress("autoencoder", step, total, dict(vals))
 
             try:
-                res = train(cfg, stage="autoencoder", data=shards, out=ae_dir, steps=10 ** 7 if steps is None else
-                            max(steps, 1), batch_size=ae_batch, frames=frames, budget_minutes=max(left, 0.05),
+                res = train(cfg, stage="autoencoder", data=shards, out=ae_dir, steps=10 ** 7 if ae_steps is None else
+                            ae_steps, batch_size=ae_batch, frames=frames, budget_minutes=max(left, 0.05),
                             resume=(ae_dir / "last.state.safetensors").exists(), device=device, bf16=bf16, seed=seed,
                             callback=ae_cb, progress=False, log_every=10)
             finally:
@@ -347,9 +357,9 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
     result.steps["talkformer"] = int(res.metrics["final_step"])
     result.speed["talkformer"] = _speed_dict(res.metrics)
     say(f"[finetune] talkformer: {_speed(res.metrics, 'windows')}")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.copyfile(res.checkpoint, tmp)
-    os.replace(tmp, out)
+    from .models.checkpoint import PURPOSE_KEY, copy_with_metadata
+
+    copy_with_metadata(res.checkpoint, out, {PURPOSE_KEY: f"person:{video.stem}"})  # atomic
     say(f"[finetune] wrote {out} ({result.steps['talkformer']} TalkFormer steps, "
         f"{sum(spent.values()):.1f} min so far)")
 
@@ -648,8 +658,9 @@ def _subset(h: HoldoutData, frames: np.ndarray) -> HoldoutData:
 # CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m talkformer_core.finetune",
-                                 description="Train a person-specific TalkFormer on one video of that person.")
+    from .clitools import parser
+
+    ap = parser("finetune", "Train a person-specific TalkFormer on one video of that person.")
     ap.add_argument("--video", required=True, help="a video of the person talking (5-10 s or more, with its audio)")
     ap.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
     ap.add_argument("--budget-minutes", type=float, default=30.0,
@@ -666,6 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto (default: cpu64 on a CPU, gpu256 on a GPU); cpu64, cpu96: 64 / 96 px, CPU-sized; "
                          "gpu128, gpu256: 128 / 256 px, one GPU; small, paper: the paper's recipe; tiny: tests")
     ap.add_argument("--steps", type=int, default=None, help="cap on TalkFormer steps (the budget still applies)")
+    ap.add_argument("--ae-steps", type=int, default=None,
+                    help="cap on autoencoder steps (default: --steps; the budget still applies)")
     ap.add_argument("--crop-size", type=int, default=None, help="override the preset's crop size")
     ap.add_argument("--lr", type=float, default=None, help="TalkFormer learning rate (default: the preset's)")
     ap.add_argument("--batch-size", type=int, default=None, help="windows of L frames per step")
@@ -674,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-every", type=int, default=250, help="steps between the printed held-out metrics (0: off)")
     ap.add_argument("--sampler-steps", type=int, default=25, help="sampler steps of the hold-out report")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is faster on a busy machine)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and noise")
     ap.add_argument("--report-json", default=None, help="write the result (minutes, steps, hold-out report) here")
     ap.add_argument("--noise-scale", type=float, default=1.0,
                     help="hold-out report: scale of the shared starting noise x_T (1 = what sync does)")
@@ -714,6 +727,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = finetune(a.video, a.out, budget_minutes=a.budget_minutes, vae=a.vae, init_landmarks=a.init_landmarks,
                        holdout=a.holdout, device=a.device, resume=a.resume, preset=a.preset, steps=a.steps,
+                       ae_steps=a.ae_steps,
                        crop_size=a.crop_size, lr=a.lr, batch_size=a.batch_size, bf16=a.bf16, seed=a.seed,
                        eval_every=a.eval_every, sampler_steps=a.sampler_steps, noise_scale=a.noise_scale,
                        threads=a.threads)

@@ -42,7 +42,13 @@ DEFAULT_SAMPLER = "dpmpp_2m"
 DEFAULT_STEPS = 10
 
 CPU_BATCH = 8  # frames per sampler run on the CPU (the value every recorded CPU number used)
-MIN_SEGMENT_CLIPS = 4  # a chain's segment is at least 4 clips: the overlap costs at most 1/4 more work
+MIN_SEGMENT_CLIPS = 4  # a chain's segment is at least 4 clips: the warm-up costs at most half more work
+# Temp-Att chains after the first start this many clips early and drop them (warm-up): measured on
+# a cpu64 Temp-Att person model (bench/seam_jitter.py, docs/speed.md), 2 clips of warm-up left the
+# lower face's frame-to-frame second difference at the seams equal to the serial chain's there
+# (0.78 vs 0.78 grey levels; inside segments 0.82); 1 clip left it 8 % above, a 1-clip cross-fade
+# 2.3x inside.
+WARMUP_CLIPS = 2
 
 
 def crops_to_tensor(crops: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -379,9 +385,10 @@ class FaceSampler:
     ``batch_size``: frames per sampler run (None: all of a call's frames at once; see
     ``auto_batch_size``). Temp-Att: ``segment`` frames per parallel chain (None: enough chains to
     fill a batch, at least ``MIN_SEGMENT_CLIPS`` clips each; a call with no more frames than that
-    is one serial chain), ``overlap`` frames of each later chain cross-faded with the previous
-    chain (``crossfade`` False: the later chain's overlap frames only warm its motion frames up
-    and are dropped; the seam is then a cut between two chains that both have motion context).
+    is one serial chain). Each later chain starts ``overlap`` frames early (None: ``WARMUP_CLIPS``
+    clips). By default (``crossfade`` False) those frames only warm its motion frames up and are
+    dropped: the seam is a cut between two chains that both have motion context. ``crossfade``
+    True blends them with the previous chain's instead (linear weights in latent space).
     ``step_callback(i, n)`` after every sampler step of every run; raise from it to stop.
     ``speed``: SpeedOptions (default: automatic, i.e. on for CUDA; nothing changes on the CPU).
     """
@@ -389,7 +396,7 @@ class FaceSampler:
     def __init__(self, model: "LoadedModel", reference: Any, *, steps: int = 25, sampler: str = "ddim",
                  seed: int = 0, eta: float = 0.0, noise: torch.Tensor | None = None,
                  batch_size: int | None = None, segment: int | None = None, overlap: int | None = None,
-                 crossfade: bool = True, step_callback: StepCallback | None = None,
+                 crossfade: bool = False, step_callback: StepCallback | None = None,
                  speed: SpeedOptions | None = None):
         from .diffusion import get_sampler
 
@@ -409,8 +416,8 @@ class FaceSampler:
         if segment is not None and int(segment) < 1:
             raise InputError(f"segment {segment}: expected >= 1 frame")
         self.segment = None if segment is None else math.ceil(int(segment) / L) * L
-        self.overlap = L if overlap is None else int(overlap)
-        if self.overlap < 0 or (self.segment is not None and self.overlap >= self.segment):
+        self.overlap = WARMUP_CLIPS * L if overlap is None else int(overlap)
+        if overlap is not None and (self.overlap < 0 or (self.segment is not None and self.overlap >= self.segment)):
             raise InputError(f"overlap {self.overlap}: expected 0 <= overlap < segment ({self.segment})")
         self.crossfade = bool(crossfade)
         self.step_callback = step_callback

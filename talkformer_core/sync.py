@@ -24,8 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .diffusion.samplers import SAMPLERS
     from .sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
 
-    ap = argparse.ArgumentParser(prog="python -m talkformer_core.sync",
-                                 description="Lip-sync a template video (or one image) to an audio track.")
+    from .clitools import parser
+
+    ap = parser("sync", "Lip-sync a template video (or one image) to an audio track.")
     ap.add_argument("--video", required=True, help="template video, or a single image (png/jpg)")
     ap.add_argument("--audio", required=True, help="audio file (any format PyAV/soundfile reads, or a video's track)")
     ap.add_argument("--checkpoint", required=True, help="TalkFormer checkpoint (.safetensors), or IP-LAP's weights converted by "
@@ -37,13 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"stage-2 sampler (default {DEFAULT_SAMPLER}: at {DEFAULT_STEPS} steps within 2 %% of the "
                          "paper's 200 DDIM steps, docs/speed.md; ddim as the paper; ddpm: ancestral)")
     ap.add_argument("--eta", type=float, default=0.0, help="sampler stochasticity (0 = deterministic)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the starting noise (same seed, same video)")
     ap.add_argument("--reference-frame", type=int, default=None,
                     help="template frame (25 fps) used as the appearance reference (default: automatic)")
-    ap.add_argument("--face-index", type=int, default=None, help="K-th largest face (default: the largest)")
+    ap.add_argument("--face-index", type=int, default=-1,
+                    help="which face when there are several, counting from 0 by size: 0 = the largest, "
+                         "1 = the second largest, ...; -1 = the largest")
     ap.add_argument("--length-mode", default="pingpong", choices=LENGTH_MODES,
                     help="audio longer than the video: pingpong / loop the video; trim: the shorter wins")
-    ap.add_argument("--feather", type=int, default=None, help="blend feather in crop pixels")
+    ap.add_argument("--feather", type=int, default=None,
+                    help="blend feather in crop pixels (default: from the crop size)")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="frames denoised together (default: from free device memory; 8 on the CPU)")
     ap.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps")
@@ -71,10 +75,14 @@ def _error(msg: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    from . import pipeline as P
-
     try:
+        a = build_parser().parse_args(argv)  # imports torch (the samplers' list): seconds
+    except KeyboardInterrupt:
+        print("interrupted; no output written", file=sys.stderr)
+        return 130
+    try:
+        from . import pipeline as P  # torch's import takes seconds: Ctrl-C there ends cleanly too
+
         # checks first, cheapest first (lipsync repeats the input checks; they are quick)
         for flag, path in (("--video", a.video), ("--audio", a.audio), ("--checkpoint", a.checkpoint),
                            ("--vae", a.vae)):
@@ -86,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
             return _error(f"--batch-size {a.batch_size}: expected >= 1")
         if a.iplap_references < 1:
             return _error(f"--iplap-references {a.iplap_references}: expected >= 1")
+        if a.face_index < -1:
+            return _error(f"--face-index {a.face_index}: expected -1 (the largest face) or K >= 0 "
+                          "(the K-th largest, counting from 0)")
+        from .paths import check_output_file
+
+        check_output_file(a.out, "--out")  # a folder it cannot write: an error now, not after the sampling
         from .content_credentials import load_credentials
 
         load_credentials(a.c2pa_cert, a.c2pa_key)  # a bad certificate or key: an error before the work
@@ -93,12 +107,20 @@ def main(argv: list[str] | None = None) -> int:
             from .video import probe_video
 
             probe_video(a.video)
-        audio = P.audio_features(a.audio)
+        shown: set[str] = set()  # each warning once (lipsync re-reads the audio it is given)
+
+        def show(caught) -> None:
+            for w in caught:
+                key = str(w.message).split(": ", 1)[-1]  # the same words about the file or its waveform
+                if key not in shown:
+                    shown.add(key)
+                    print(f"warning: {w.message}", file=sys.stderr)
+
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")  # e.g. a --vae for a checkpoint that embeds its own
+            warnings.simplefilter("always")  # short audio; a demo checkpoint; a --vae for a checkpoint that embeds its own
+            audio = P.audio_features(a.audio)
             model = P.load_model(a.checkpoint, device=a.device, dtype=a.dtype, vae=a.vae)
-        for w in caught:
-            print(f"warning: {w.message}", file=sys.stderr)
+        show(caught)
         opts = P.SyncOptions(steps=a.steps, sampler=a.sampler, eta=a.eta, seed=a.seed,
                              reference_frame=a.reference_frame, face_index=a.face_index,
                              length_mode=a.length_mode, feather=a.feather, batch_size=a.batch_size,
@@ -122,10 +144,12 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 if bar is not None:
                     bar.close()
-        for w in caught:
-            print(f"warning: {w.message}", file=sys.stderr)
+        show(caught)
     except TalkFormerError as e:
-        return _error(str(e))
+        msg = str(e)
+        if msg.startswith("face index "):  # the core's words for this CLI's flag
+            msg = "--face-index " + msg[len("face index "):]
+        return _error(msg)
     except KeyboardInterrupt:
         print("interrupted; no output written", file=sys.stderr)
         return 130

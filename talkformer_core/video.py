@@ -355,10 +355,13 @@ class VideoWriter:
         import av
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".part" + (self.path.suffix or ".mp4"),
-                                   dir=self.path.parent)
-        os.close(fd)
-        self._tmp = Path(tmp)
+        from .signals import defer_sigint
+
+        with defer_sigint():  # a Ctrl-C between creating the file and noting its name would leak it
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".part" + (self.path.suffix or ".mp4"),
+                                       dir=self.path.parent)
+            self._tmp = Path(tmp)
+            os.close(fd)
         fmt = "mp4" if self.path.suffix.lower() in ("", ".mp4", ".m4v") else None
         options = {"movflags": "+faststart"} if self.faststart and fmt == "mp4" else {}
         self._container = av.open(str(self._tmp), mode="w", format=fmt, options=options)
@@ -436,29 +439,38 @@ class VideoWriter:
             self._container = None
             if self.finalize is not None:
                 self.finalize(self._tmp)
-            _chmod_like_new_file(self._tmp)  # mkstemp makes 0600; a finished video is a normal file
-            os.replace(self._tmp, self.path)
-            self._tmp = None
+            from .signals import defer_sigint
+
+            with defer_sigint():  # the rename and forgetting the temporary name go together
+                _chmod_like_new_file(self._tmp)  # mkstemp makes 0600; a finished video is a normal file
+                os.replace(self._tmp, self.path)
+                self._tmp = None
         except BaseException:
             self.abort()
             raise
         self._closed = True
 
     def abort(self) -> None:
-        """Drop the partial file (called on an exception inside ``with``)."""
-        self._closed = True
-        if self._container is not None:
+        """Drop the partial file (called on an exception inside ``with``). A second Ctrl-C while
+        it runs waits for the file to be gone."""
+        from .signals import defer_sigint
+
+        with defer_sigint():
+            self._closed = True
             try:
-                self._container.close()
-            except Exception:
-                pass
-            self._container = None
-        if self._tmp is not None:
-            try:
-                self._tmp.unlink()
-            except FileNotFoundError:
-                pass
-            self._tmp = None
+                if self._container is not None:
+                    try:
+                        self._container.close()
+                    except Exception:
+                        pass
+                    self._container = None
+            finally:
+                if self._tmp is not None:
+                    try:
+                        self._tmp.unlink()
+                    except FileNotFoundError:
+                        pass
+                    self._tmp = None
 
 
 def remux(src: str | Path, dst: str | Path, metadata: dict[str, str] | None = None,

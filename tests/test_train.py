@@ -314,3 +314,77 @@ def test_shift_augment_moves_latents_context_and_landmarks_together(shards, ae_f
         assert torch.allclose(seen["z_t"][:, :, : h // 2], shifted[:, :, : h // 2], atol=1e-5)
         shifts.update(k.tolist())
     assert shifts == {-1, 0, 1}
+
+
+def test_interrupt_inside_a_step_saves_nothing_of_it(shards, ae_file, tmp_path, monkeypatch):
+    """Ctrl-C inside step 4 (after the landmark module's forward updated its BatchNorm statistics
+    and drew dropout masks): the saved state is exactly the 3-step state, buffers included, and
+    --resume then ends bit-identical to an uninterrupted run (every tensor, torch.equal)."""
+    import talkformer_core.diffusion as diffusion
+    from talkformer_core.train import train
+
+    cfg = tiny_config()
+    kw = dict(stage="talkformer", data=shards, autoencoder=ae_file, batch_size=2, ema=True, progress=False,
+              device="cpu", seed=3)
+    three = train(cfg, out=tmp_path / "three", steps=3, **kw)
+    full = train(cfg, out=tmp_path / "full", steps=6, **kw)
+
+    real, calls = diffusion.ldm_loss, []
+
+    def interrupted_at_step_4(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:  # stage 1 of step 4 already ran (BatchNorm buffers, dropout RNG)
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(diffusion, "ldm_loss", interrupted_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out=tmp_path / "split", steps=6, **kw)
+    monkeypatch.setattr(diffusion, "ldm_loss", real)
+    saved, ref = _tensors(tmp_path / "split" / "last.safetensors"), _tensors(three.checkpoint)
+    bn = [k for k in saved if "running_mean" in k or "num_batches_tracked" in k]
+    assert bn, "the tiny landmark module has BatchNorm buffers"
+    assert saved.keys() == ref.keys()
+    for k in saved:
+        assert torch.equal(saved[k], ref[k]), k
+    resumed = train(cfg, out=tmp_path / "split", steps=6, resume=True, **kw)
+    assert resumed.metrics["loss"] == full.metrics["loss"][3:]
+    a, b = _tensors(full.checkpoint), _tensors(resumed.checkpoint)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_train_cli_ctrl_c_exits_130_with_one_line(shards, tmp_path):
+    """SIGINT to a running ``python -m talkformer_core.train``: exit status 130, one line on
+    stderr, no traceback, and a resumable checkpoint of a finished step."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "talkformer_core.train", "--stage", "autoencoder", "--data",
+                          str(shards), "--preset", "tiny", "--out", str(out), "--steps", "100000",
+                          "--batch-size", "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        for _ in range(600):  # wait (for synchronisation only) until a few steps are logged
+            if (out / "log.csv").exists() and len((out / "log.csv").read_text().splitlines()) > 3:
+                break
+            if p.poll() is not None:
+                break
+            time.sleep(0.5)
+        assert p.poll() is None, p.communicate()
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip() and "interrupted" in ln]
+    assert len(lines) == 1 and "--resume" in lines[0], err
+    from talkformer_core.models.checkpoint import read_metadata
+
+    step = json.loads(read_metadata(out / "last.safetensors")["training_state"])["step"]
+    assert step >= 3

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..config import TalkFormerConfig, preset
+from ..config import PRESET_NAMES, TalkFormerConfig, preset
 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".flv"}
 FPS = 25.0
@@ -243,6 +243,9 @@ def preprocess(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, cfg:
     cfg = preset(cfg) if isinstance(cfg, str) else cfg
     opts = options_for(cfg, crop_size, min_found=min_found)
     out = Path(out)
+    from ..paths import check_output_dir
+
+    check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     items = take_shard(list_inputs(inputs), shard)
     todo, skipped = [], []
@@ -282,17 +285,31 @@ def preprocess(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, cfg:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m talkformer_core.data.preprocess",
-                                 description="Videos -> training shards (one .npz per clip).")
+def build_parser() -> argparse.ArgumentParser:
+    from ..clitools import parser
+
+    ap = parser("data.preprocess", "Videos -> training shards (one .npz per clip; resumable).")
     ap.add_argument("--inputs", nargs="+", required=True, help="video files and/or folders of videos")
     ap.add_argument("--out", required=True, help="shard folder")
-    ap.add_argument("--preset", default="small", help="config preset (tiny, small, paper): sets the crop size")
+    ap.add_argument("--preset", default="small", choices=PRESET_NAMES,
+                    help="config preset (the same list as train and finetune): sets the crop size")
     ap.add_argument("--crop-size", type=int, default=None, help="override the config's image_size")
-    ap.add_argument("--shard", default=None, help="i/N: process every N-th input starting at i")
+    ap.add_argument("--shard", default=None, help="i/N: process every N-th input starting at i (default: all)")
     ap.add_argument("--workers", type=int, default=1, help="processes (each runs its own mediapipe)")
-    ap.add_argument("--min-found", type=float, default=0.5, help="reject clips with a face in fewer frames")
-    a = ap.parse_args(argv)
+    ap.add_argument("--min-found", type=float, default=0.5,
+                    help="reject clips with a face in a smaller fraction of their frames")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..clitools import run
+
+    a = build_parser().parse_args(argv)
+    return run(lambda: _main(a), on_interrupt=f"interrupted: the finished shards are in {a.out}; run again "
+                                              "to continue (finished clips are skipped)")
+
+
+def _main(a: argparse.Namespace) -> int:
     res = preprocess(a.inputs, a.out, a.preset, a.crop_size, a.shard, a.workers, min_found=a.min_found)
     print(f"done {len(res['done'])}, skipped (already there) {len(res['skipped'])}, "
           f"rejected {len(res['rejected'])}")

@@ -352,23 +352,38 @@ def load_photo(name_or_path: str) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Make synthetic talking clips with exact truth.")
-    ap.add_argument("--photo", default="astronaut", help="'astronaut' or an image path")
+def build_parser() -> argparse.ArgumentParser:
+    from ..clitools import parser
+
+    ap = parser("data.synthetic", "Make synthetic talking clips with exact truth (mouth opening, landmarks).")
+    ap.add_argument("--photo", default="astronaut", help="'astronaut' (scikit-image's public-domain photo) or an image path")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--num-clips", type=int, default=4)
-    ap.add_argument("--duration", type=float, default=4.0)
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
+    ap.add_argument("--num-clips", type=int, default=4, help="clips to make (seeds SEED, SEED+1, ...)")
+    ap.add_argument("--duration", type=float, default=4.0, help="seconds per clip")
+    ap.add_argument("--size", type=int, default=256, help="frame side in pixels")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the first clip")
+    return ap
+
+
+def main(argv=None) -> int:
+    from ..clitools import run
+
+    a = build_parser().parse_args(argv)
+    return run(lambda: _main(a))
+
+
+def _main(a: argparse.Namespace) -> int:
+    from ..paths import check_output_dir
+
+    out = check_output_dir(a.out)
     photo = load_photo(a.photo)
-    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for k in range(a.num_clips):
         clip = make_clip(photo, seed=a.seed + k, duration=a.duration, frame_size=a.size)
         p = write_clip(clip, out / f"synthetic_{a.seed + k:04d}.mp4")
         print(p)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -39,7 +39,9 @@ COLUMNS = (  # key, header, format
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m talkformer_core.eval", description=__doc__.split("\n\n")[0])
+    from ..clitools import parser
+
+    p = parser("eval", __doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("--generated", action="append", default=[], help="generated video (repeatable)")
     p.add_argument("--truth", action="append", default=[], help="ground-truth video (repeatable, same order)")
     p.add_argument("--pairs", help="CSV with columns generated,truth[,name] (paths relative to the CSV)")
@@ -48,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-size", type=int, default=256, help="face crop size in px (64..512, default 256)")
     p.add_argument("--fps", type=float, default=25.0, help="both videos are resampled to this rate (default 25)")
     p.add_argument("--max-frames", type=int, default=None, help="score only the first N frames of each video")
-    p.add_argument("--face-index", type=int, default=None, help="which face to track (largest first); default the largest")
+    p.add_argument("--face-index", type=int, default=-1,
+                   help="which face to track, counting from 0 by size: 0 = the largest, 1 = the second largest, ...; "
+                        "-1 = the largest (default)")
     p.add_argument("--lpips-backbone", help="torchvision AlexNet/VGG16 weights (features.N.*) for LPIPS")
     p.add_argument("--lpips-heads", help="LPIPS v0.1 linear heads (lin{k}.model.1.weight), e.g. lpips' weights/v0.1/alex.pth")
     p.add_argument("--lpips-net", choices=("alex", "vgg"), help="backbone kind (default: read from the heads)")
@@ -217,8 +221,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for p in (g, t):
             if not Path(p).is_file():
                 raise TalkFormerError(f"{p}: video file not found")
+    from ..paths import check_output_dir
+
+    out = check_output_dir(args.out_dir, "--out-dir")  # before the networks and the scoring
     nets, skipped = _load_networks(args)
-    out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
         from tqdm import tqdm
@@ -280,4 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     except TalkFormerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     return 0

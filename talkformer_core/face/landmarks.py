@@ -29,6 +29,7 @@ class FaceLandmarks:
     points131: np.ndarray  # (T, 131, 2) float32, FULL_131 order
     found: np.ndarray  # (T,) bool
     size: tuple[int, int]  # (H, W) of the frames
+    num_faces: np.ndarray | None = None  # (T,) int: faces mediapipe found in each frame (any index)
 
     def __len__(self) -> int:
         return int(self.found.shape[0])
@@ -62,11 +63,26 @@ def _check_frame(frame: Any, source: str) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def face_index_or_none(face_index: int | None) -> int | None:
+    """The one meaning of a face index everywhere (CLIs, nodes, API): None or -1 = the largest face,
+    K >= 0 = the K-th largest (0 = the largest). -> None (largest) or K."""
+    if face_index is None:
+        return None
+    k = int(face_index)
+    if k == -1:
+        return None
+    if k < 0:
+        raise InputError(f"face index {k}: expected -1 (the largest face) or K >= 0 (the K-th largest, "
+                         "counting from 0 = the largest)")
+    return k
+
+
 class LandmarkDetector:
     """Context manager over ``mediapipe.solutions.face_mesh.FaceMesh``.
 
-    face_index: None keeps the largest face (landmark bbox area); an int picks that index in the
-    largest-first order. ``static_image_mode`` False (default) is tracking mode for video.
+    face_index: None or -1 keeps the largest face (landmark bbox area); K >= 0 picks that index in
+    the largest-first order (0 = the largest). ``static_image_mode`` False (default) is tracking
+    mode for video.
     """
 
     def __init__(
@@ -77,8 +93,10 @@ class LandmarkDetector:
         min_tracking_confidence: float = 0.5,
         static_image_mode: bool = False,
     ) -> None:
-        if face_index is not None and not 0 <= face_index < max_num_faces:
-            raise InputError(f"face_index {face_index}: expected 0 <= face_index < max_num_faces={max_num_faces}")
+        face_index = face_index_or_none(face_index)
+        if face_index is not None and face_index >= max_num_faces:
+            raise InputError(f"face index {face_index}: this detector looks for at most {max_num_faces} faces "
+                             f"(indices 0..{max_num_faces - 1}, -1 = the largest)")
         self.max_num_faces = max_num_faces
         self.face_index = face_index
         self.min_detection_confidence = min_detection_confidence
@@ -162,6 +180,7 @@ class LandmarkDetector:
         self._prev_bbox = None
         pts: list[np.ndarray] = []
         found: list[bool] = []
+        counts: list[int] = []
         size: tuple[int, int] | None = None
         for i, frame in enumerate(frames):
             frame = _check_frame(frame, f"frame {i}")
@@ -169,7 +188,9 @@ class LandmarkDetector:
                 size = (int(frame.shape[0]), int(frame.shape[1]))
             elif frame.shape[:2] != size:
                 raise InputError(f"frame {i}: size {frame.shape[:2]} differs from the first frame's {size}")
-            p = self._choose(self.detect_all(frame), follow=True)
+            faces = self.detect_all(frame)
+            counts.append(len(faces))
+            p = self._choose(faces, follow=True)
             if p is None:
                 pts.append(np.full((NUM_POINTS, 2), np.nan, dtype=np.float32))
                 found.append(False)
@@ -187,6 +208,7 @@ class LandmarkDetector:
             points131=np.ascontiguousarray(p478[:, list(FULL_131), :]),
             found=np.asarray(found, dtype=bool),
             size=size,
+            num_faces=np.asarray(counts, dtype=np.int64),
         )
 
 
@@ -215,6 +237,10 @@ def detect_image(
         p = det._choose(faces, follow=False)
     found = p is not None
     if require_face and not found:
+        face_index = face_index_or_none(face_index)
+        if face_index is not None and faces:
+            raise FaceError(f"{source}: face index {face_index}: only {len(faces)} face(s) found in this image "
+                            f"(indices 0..{len(faces) - 1}, -1 = the largest)")
         which = "a face" if face_index is None else f"face #{face_index} (largest first)"
         raise FaceError(
             f"{source}: expected {which}, but mediapipe FaceMesh found {len(faces)} face(s) "

@@ -238,6 +238,22 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return _check_metadata(read_safetensors_header(p).get("__metadata__"), p)
 
 
+# What a checkpoint is for (optional metadata): "demo" (the shipped synthetic-face demo),
+# "person:<name>" (finetune / the train node), "iplap" (IP-LAP's converted weights).
+PURPOSE_KEY = "purpose"
+DEMO_WARNING = ("demo checkpoint: trained on one synthetic face; on a real person the mouth will be a blurred box "
+                "(a model of your person: python -m talkformer_core.finetune, docs/finetune.md)")
+
+
+class DemoCheckpointWarning(UserWarning):
+    """A checkpoint whose metadata says purpose=demo is being used for lip-sync."""
+
+
+def purpose_warning(meta: Mapping[str, str]) -> str | None:
+    """The warning a user of this checkpoint should see, from its purpose (None: none)."""
+    return DEMO_WARNING if meta.get(PURPOSE_KEY) == "demo" else None
+
+
 def copy_with_metadata(src: str | os.PathLike, dst: str | os.PathLike, extra: Mapping[str, str]) -> Path:
     """Copy a TalkFormer checkpoint to ``dst`` (atomically) with ``extra`` metadata added or replaced;
     the tensors are unchanged. The format keys (format, kind, config, autoencoder) cannot be replaced."""

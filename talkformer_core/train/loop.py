@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from ..config import TalkFormerConfig, preset
 from ..errors import CheckpointError, InputError
+from ..signals import defer_sigint
 
 CHECKPOINT_NAME = "last.safetensors"
 STATE_NAME = "last.state.safetensors"
@@ -571,6 +572,9 @@ def train(cfg: TalkFormerConfig | str, *, stage: str, data: str | Path, out: str
     out = Path(out)
     dd, dev = init_distributed(device)
     if dd.main:
+        from ..paths import check_output_dir
+
+        check_output_dir(out)  # a run folder it cannot write: an error now, not at the first save
         out.mkdir(parents=True, exist_ok=True)
     ck_path, st_path = out / CHECKPOINT_NAME, out / STATE_NAME
     start_step = 0
@@ -704,6 +708,10 @@ def train(cfg: TalkFormerConfig | str, *, stage: str, data: str | Path, out: str
     def save(step: int) -> None:
         if not dd.main:
             return
+        with defer_sigint():  # a second Ctrl-C must not leave a checkpoint and a state of different steps
+            _save(step)
+
+    def _save(step: int) -> None:
         save_cfg = cfg
         if stage == "autoencoder":
             modules = {"autoencoder": model}
@@ -728,8 +736,17 @@ def train(cfg: TalkFormerConfig | str, *, stage: str, data: str | Path, out: str
     if stage == "talkformer":
         model.autoencoder.eval()
     n_done = 0
+    # Exact resume after an interrupt: nothing of an unfinished step may reach the saved state. The
+    # forward changes BatchNorm buffers and draws dropout masks from the global RNG before the
+    # optimiser step, so both are snapshotted at each step boundary and restored if the step is cut
+    # short; the optimiser step and its bookkeeping run with Ctrl-C held (signals.defer_sigint).
+    buffers = _buffers(trainable)
+    in_step = False
     try:
         while step < steps:
+            snap_buffers = [b.detach().clone() for b in buffers]
+            snap_rng = capture_rng_state()
+            in_step = True
             opt.zero_grad(set_to_none=True)
             logs_sum: dict[str, float] = {}
             loss_sum = 0.0
@@ -752,11 +769,14 @@ def train(cfg: TalkFormerConfig | str, *, stage: str, data: str | Path, out: str
                     logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / grad_accum
                 t_compute += time.perf_counter() - t1
             t1 = time.perf_counter()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip) if cfg.train.grad_clip > 0 else None
-            opt.step()
-            step += 1
-            if ema_obj is not None:
-                ema_obj.update(step)
+            with defer_sigint():
+                gnorm = (torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip) if cfg.train.grad_clip > 0
+                         else None)
+                opt.step()
+                step += 1
+                if ema_obj is not None:
+                    ema_obj.update(step)
+                in_step = False
             sync_dev()
             t_compute += time.perf_counter() - t1
             n_done += 1
@@ -794,6 +814,11 @@ def train(cfg: TalkFormerConfig | str, *, stage: str, data: str | Path, out: str
                 break
     except BaseException:
         bar.close()
+        if in_step:  # cut inside a step: back to the state at its start
+            with torch.no_grad():
+                for b, v in zip(buffers, snap_buffers):
+                    b.copy_(v)
+            restore_rng_state(snap_rng)
         if step > start_step:
             save(step)  # an interrupt keeps what was learned; --resume continues from here
         logger.close()
@@ -826,6 +851,16 @@ class _null:
 
     def __exit__(self, *a):
         return False
+
+
+def _buffers(modules: Mapping[str, nn.Module]) -> list[Tensor]:
+    """Every buffer a training forward may change in place (BatchNorm running statistics and
+    num_batches_tracked), of the trainable modules."""
+    seen: dict[int, Tensor] = {}
+    for m in modules.values():
+        for b in m.buffers():
+            seen.setdefault(id(b), b)
+    return list(seen.values())
 
 
 @torch.no_grad()
