@@ -180,12 +180,15 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = "cpu
     """A checkpoint -> LoadedModel on ``device``; every check (format, kind, config, each tensor's
     shape, the external VAE's hash) happens here, before any long work. CheckpointError names the
     file and what was expected. ``use_ema``: prefer the EMA weights when the file has them."""
-    from .models.checkpoint import read_metadata
+    from .models.checkpoint import DemoCheckpointWarning, purpose_warning, read_metadata
 
     p = Path(path)
     dev = parse_device(device)
     dt = _parse_dtype(dtype, dev)
     meta = read_metadata(p)
+    why = purpose_warning(meta)  # e.g. the demo checkpoint on a real person: say so before the work
+    if why is not None:
+        warnings.warn(f"{p.name}: {why}", DemoCheckpointWarning, stacklevel=2)
     kind = meta["kind"]
     loader = _LOADERS.get(kind)
     if loader is None:
@@ -273,15 +276,21 @@ def analyze_frames(frames: Iterable[np.ndarray], crop_size: int, face_index: int
                    progress: Callable[[int], None] | None = None, source: str = "video") -> FaceAnalysis:
     """Frames (any iterable of uint8 (H, W, 3) RGB, streamed) -> FaceAnalysis.
 
-    mediapipe FaceMesh in tracking mode; ``face_index`` None tracks the largest face, K the K-th
-    largest. Frames without a face get found False (their boxes and points are interpolated; the
-    pipeline passes them through unchanged). FaceError naming ``source`` if no frame has a face.
+    mediapipe FaceMesh in tracking mode; ``face_index`` None or -1 tracks the largest face, K >= 0
+    the K-th largest (0 = the largest). Frames without a face get found False (their boxes and
+    points are interpolated; the pipeline passes them through unchanged). FaceError naming
+    ``source`` if no frame has the face; with K given and fewer faces, it says how many were found.
     """
-    from .face.landmarks import LandmarkDetector
+    from .face.landmarks import LandmarkDetector, face_index_or_none
 
+    face_index = face_index_or_none(face_index)
     max_faces = max(4, (face_index or 0) + 1)
     with LandmarkDetector(max_num_faces=max_faces, face_index=face_index) as det:
         lm = det.detect_sequence(frames, progress=progress)
+    if not lm.found.any() and face_index is not None and lm.num_faces is not None and lm.num_faces.max() > 0:
+        n = int(lm.num_faces.max())
+        raise FaceError(f"face index {face_index}: only {n} face{'s' if n > 1 else ''} found in the {len(lm)} "
+                        f"frame(s) of {source} (indices 0..{n - 1}, -1 = the largest)")
     if not lm.found.any():
         which = "a face" if face_index is None else f"face #{face_index} (largest first)"
         raise FaceError(f"{source}: expected {which}, but mediapipe FaceMesh found none in any of its "
@@ -334,13 +343,19 @@ class AudioFeatures:
         return self.num_frames / self.fps
 
 
+MIN_AUDIO_FRAMES = 5  # one stage-1 window (IP-LAP's T = 5 frames): less audio cannot drive a lip-sync
+MIN_AUDIO_SECONDS = MIN_AUDIO_FRAMES / 25.0  # 0.2 s: shorter audio is an AudioError
+SHORT_AUDIO_SECONDS = 0.5  # shorter (but >= the minimum) works, with a warning naming the output length
+
+
 def audio_features(audio: str | os.PathLike | np.ndarray | tuple[Any, int], fps: float = FPS,
                    num_frames: int | None = None) -> AudioFeatures:
     """Audio -> per-video-frame mel windows (DESIGN.md §2).
 
     ``audio``: a file path (any audio file, or a video's audio track), a (waveform, sample_rate)
     pair (shapes as ``audio.to_16k_mono``), or a 16 kHz mono float array. T defaults to
-    ceil(duration * fps). AudioError for a missing / unreadable file, no audio stream, zero length.
+    ceil(duration * fps). AudioError for a missing / unreadable file, no audio stream, audio shorter
+    than MIN_AUDIO_SECONDS; a warning below SHORT_AUDIO_SECONDS.
     The original waveform (at most 2 channels, at its own rate) is kept for muxing.
     """
     from .audio import audio_windows, num_video_frames, read_audio, to_16k_mono
@@ -373,6 +388,12 @@ def audio_features(audio: str | os.PathLike | np.ndarray | tuple[Any, int], fps:
     n = num_video_frames(len(wav16), fps)
     if n <= 0:
         raise AudioError(f"{source}: zero-length audio")
+    seconds = len(wav16) / 16000.0
+    if seconds < MIN_AUDIO_SECONDS - 1e-9:
+        raise AudioError(f"{source}: {seconds:.3f} s of audio is too short; expected at least {MIN_AUDIO_SECONDS} s "
+                         f"(stage 1 predicts the lips of {MIN_AUDIO_FRAMES} frames at a time)")
+    if seconds < SHORT_AUDIO_SECONDS:
+        warnings.warn(f"{source}: only {seconds:.2f} s of audio: the output has {n} frames", stacklevel=2)
     if num_frames is None:
         num_frames = n
     _, windows = audio_windows(wav16, num_frames, fps)
@@ -728,6 +749,9 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
         raise InputError(f"batch_size and chunk_size must be >= 1, got {opt.batch_size}, {opt.chunk_size}")
     if out_path.suffix.lower() not in ("", ".mp4", ".m4v", ".mov", ".mkv"):
         raise InputError(f"{out_path}: expected an .mp4 output path")
+    from .paths import check_output_file
+
+    check_output_file(out_path, "output")  # unwritable folder, a file as parent, a full disk: now
     image: np.ndarray | None = None
     if _is_image(video):
         image = _check_image_array(video if isinstance(video, np.ndarray) else read_image(video))
