@@ -28,7 +28,8 @@ Temporal continuity without temporal attention: one noise tensor x_T (1, C, h, w
 from ``seed``, is shared by every frame of the video, so the same face, landmarks and audio give
 the same mouth in every chunk (no flicker from independent noise). With
 ``cfg.model.temporal_attention`` the frames go in clips of L with the 2 latents generated just
-before each clip as Temp-Att motion frames (paper "+ TempAttn").
+before each clip as Temp-Att motion frames (paper "+ TempAttn"), in parallel chains of segments
+(sampling.FaceSampler, the one stage-2 batch loop; docs/speed.md).
 
 Device and dtype are arguments: fp32 on CPU; bf16 / fp16 run the networks under ``torch.autocast``
 with fp32 weights and an fp32 sampler state.
