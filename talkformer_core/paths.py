@@ -56,8 +56,8 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out", *, suffixes:
     if str(path).strip() == "":
         raise OutputError(f"{flag}: an empty path; expected a file name")
     if p.is_dir():
-        raise OutputError(f"{p}: is an existing folder (given as {flag}); expected a file name inside it, "
-                          f"e.g. {p / ('out' + (suffixes[0] if suffixes else ''))}")
+        raise OutputError(f"{p}: is an existing folder (given as {flag}); expected a file name "
+                          "(a path inside that folder)")
     if suffixes and p.suffix.lower() not in suffixes:
         raise OutputError(f"{p}: expected a file name ending in {' or '.join(suffixes)} (given as {flag})")
     folder = p.parent if p.parent.is_dir() else _existing_ancestor(p, flag)
