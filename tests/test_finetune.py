@@ -125,17 +125,31 @@ def test_baselines_are_exact_on_a_static_clip():
         assert psnr(lower_half(b[k]), lower_half(crops[16:])).min() > 45, k
 
 
+# Step-driven, not budget-driven: the verdict is machine-independent. Measured (1 thread, seed 0):
+# held-out PSNR 19.58 dB (test-frame landmarks) vs 16.61 dB copy-reference; 487 s CPU in all.
+REAL_AE_STEPS, REAL_TF_STEPS = 150, 500
+
+
 @pytest.mark.slow
 def test_real_clip_beats_copy_reference_with_test_frame_landmarks(tmp_path):
-    """One real clip, a short budget: the renderer driven by the test frames' own landmarks beats
-    copy-reference on held-out lower-face PSNR."""
+    """One real clip, a fixed number of steps (seeded, one torch thread: the same numbers on any
+    machine; the budget is only a generous cap): the renderer driven by the test frames' own
+    landmarks beats copy-reference on held-out lower-face PSNR."""
     clip = MEDIA / "videoretalking_face_5.mp4"
     if not clip.exists():
         pytest.skip(f"{clip} not found (../shared/media is not part of the repository)")
     from talkformer_core.finetune import finetune
 
-    res = finetune(clip, tmp_path / "p.safetensors", budget_minutes=4.0, holdout=0.2, eval_every=0,
-                   sampler_steps=10, threads=1, print_fn=None, tqdm_bar=False)
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        res = finetune(clip, tmp_path / "p.safetensors", budget_minutes=600.0, ae_steps=REAL_AE_STEPS,
+                       steps=REAL_TF_STEPS, holdout=0.2, eval_every=0, sampler_steps=10, threads=1, seed=0,
+                       print_fn=None, tqdm_bar=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert res.steps == {"autoencoder": REAL_AE_STEPS, "talkformer": REAL_TF_STEPS}
     rows = res.report["rows"]
     assert rows["ours_landmarks"]["psnr"] > rows["copy_reference"]["psnr"], rows
 
