@@ -110,7 +110,7 @@ ProgressFn = Callable[[str, int, int, dict[str, Any]], None]  # (stage, step, to
 
 def validate_inputs(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes: float, holdout: float,
                     vae: str | os.PathLike | None, init_landmarks: str | os.PathLike | None,
-                    steps: int | None, preset: str, ae_steps: int | None = None) -> None:
+                    steps: int | None, preset: str, ae_steps: int | None = None, dubbing: bool = False) -> None:
     """Every bad argument, before any long work (clear errors naming the file)."""
     from .video import probe_video
 
@@ -124,6 +124,8 @@ def validate_inputs(video: str | os.PathLike, out: str | os.PathLike, *, budget_
         raise InputError(f"--budget-minutes {budget_minutes}: expected a positive number of minutes")
     if not 0.0 <= holdout <= MAX_HOLDOUT:
         raise InputError(f"--holdout {holdout}: expected a fraction in [0, {MAX_HOLDOUT}] (0 = train on all frames)")
+    if dubbing and holdout <= 0:
+        raise InputError("--dubbing needs --holdout (e.g. 0.4: new audio = frames [0.6, 0.8), template = [0.8, 1.0))")
     if steps is not None and steps < 1:
         raise InputError(f"--steps {steps}: expected >= 1")
     if ae_steps is not None and ae_steps < 1:
@@ -191,7 +193,7 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
              steps: int | None = None, ae_steps: int | None = None, crop_size: int | None = None, lr: float | None = None,
              batch_size: int | None = None, bf16: bool = False, seed: int = 0, eval_every: int = 250,
              sampler: str = "ddim", sampler_steps: int = 25, noise_scale: float = 1.0, threads: int | None = None,
-             progress: ProgressFn | None = None, tqdm_bar: bool = True,
+             dubbing: bool = False, progress: ProgressFn | None = None, tqdm_bar: bool = True,
              print_fn: Callable[[str], None] | None = print) -> FinetuneResult:
     """Train a person-specific TalkFormer on one clip (see the module doc). Returns the result.
 
@@ -209,7 +211,7 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
     t_all = time.time()
     video, out = Path(video), Path(out)
     validate_inputs(video, out, budget_minutes=budget_minutes, holdout=holdout, vae=vae,
-                    init_landmarks=init_landmarks, steps=steps, preset=preset, ae_steps=ae_steps)
+                    init_landmarks=init_landmarks, steps=steps, preset=preset, ae_steps=ae_steps, dubbing=dubbing)
     if ae_steps is None:
         ae_steps = steps
     if threads:
@@ -281,7 +283,7 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
         + (f", holding out [{n_train}, {n_frames})" if holdout > 0 else ""))
 
     remaining = budget_minutes - sum(spent.values())
-    reserve = min(REPORT_RESERVE_MIN, 0.15 * budget_minutes) if holdout > 0 else 0.0
+    reserve = min(REPORT_RESERVE_MIN * (2 if dubbing else 1), 0.15 * budget_minutes) if holdout > 0 else 0.0
     train_minutes = max(remaining - reserve, 0.05)
     result = FinetuneResult(out)
 
@@ -357,6 +359,9 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
     result.steps["talkformer"] = int(res.metrics["final_step"])
     result.speed["talkformer"] = _speed_dict(res.metrics)
     say(f"[finetune] talkformer: {_speed(res.metrics, 'windows')}")
+    if cfg.model.landmark.mouth_model:
+        lam = fit_mouth_model(res.checkpoint, shard, frames)
+        say(f"[finetune] mouth model fitted on the training frames (ridge strengths {lam[0]:g} / {lam[1]:g})")
     from .models.checkpoint import PURPOSE_KEY, copy_with_metadata
 
     copy_with_metadata(res.checkpoint, out, {PURPOSE_KEY: f"person:{video.stem}"})  # atomic
@@ -368,12 +373,48 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
         t0 = time.time()
         result.report = holdout_report(out, shard, holdout, device=device, vae=vae, sampler=sampler,
                                        steps=sampler_steps, seed=seed, noise_scale=noise_scale)
-        spent["report"] = (time.time() - t0) / 60.0
         say(format_report(result.report))
+        if dubbing:
+            result.report["dubbing"] = dubbing_report(out, shard, holdout, device=device, vae=vae, sampler=sampler,
+                                                      steps=sampler_steps, seed=seed, noise_scale=noise_scale)
+            say(format_dubbing(result.report["dubbing"]))
+        spent["report"] = (time.time() - t0) / 60.0
     result.minutes = dict(spent)
     st.update(minutes=spent, done=True)
     _save_state(work, st)
     return result
+
+
+def mouth_training_data(shard: str | os.PathLike, frames: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """(mels (M, 80, 16), jaw + lips (M, 57, 2) in the stable box frame) of the found frames in
+    ``frames`` of a shard, in time order: what ``MouthModel.fit`` takes."""
+    from .data.dataset import load_shard, stage1_box_frame
+    from .face import topology
+
+    d = load_shard(shard)
+    T = len(d["found"])
+    lo, hi = int(round(frames[0] * T)), int(round(frames[1] * T))
+    d = stage1_box_frame(d, lo, hi)
+    idx = np.arange(lo, hi)[d["found"][lo:hi].astype(bool)]
+    return d["mels"][idx].astype(np.float32), d["points131_box"][idx][:, list(topology.CONTENT_POS)]
+
+
+def fit_mouth_model(checkpoint: str | os.PathLike, shard: str | os.PathLike,
+                    frames: tuple[float, float]) -> tuple[float, float]:
+    """Fit the checkpoint's mouth model (its live and EMA copies) on the shard's training frames,
+    in place. Returns the ridge strengths cross-validation chose (opening, shape modes)."""
+    from .models.checkpoint import checkpoint_config, read_metadata, replace_tensors, safetensors_keys
+    from .models.mouth_model import MouthModel
+
+    cfg = checkpoint_config(read_metadata(checkpoint), checkpoint)
+    mels, content = mouth_training_data(shard, frames)
+    mm = MouthModel(cfg.model.landmark.mouth_shape_modes).fit(mels, content)
+    sd = mm.state_dict()
+    keys = safetensors_keys(checkpoint)
+    new = {f"{pre}landmark.mouth.{k}": v for pre in ("", "ema.") for k, v in sd.items()
+           if f"{pre}landmark.mouth.{k}" in keys}
+    replace_tensors(checkpoint, new)
+    return float(mm.lambdas[0]), float(mm.lambdas[1])
 
 
 class _BudgetBar:
@@ -512,10 +553,10 @@ def generate(model: Any, h: HoldoutData, *, audio_driven: bool, steps: int = 25,
     ref = encode_reference(model, h.crops[reference_frame(h)])
     if audio_driven:
         refs_idx = h.train_idx[topology.pick_spread(h.analysis.openness[h.train_idx], model.num_references)]
-        refs = h.analysis.points_box(refs_idx)
+        refs = h.analysis.points_box(refs_idx, model.config.model.landmark_box)
         audio = AudioFeatures(h.mels[idx], len(idx), 25.0)
         lm_box = complete_landmarks(model, h.analysis, audio, idx, references=refs)
-        lms = landmarks_to_crop(h.analysis, lm_box, idx)
+        lms = landmarks_to_crop(h.analysis, lm_box, idx, model)
     else:
         lms = h.points_crop[idx]
     noise = initial_noise(model, seed) * float(noise_scale)
@@ -567,6 +608,160 @@ def holdout_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
                            "noise_scale": float(noise_scale), "seed": int(seed)}
     rep["verdict"] = verdicts(rows)
     return rep
+
+
+# ----------------------------------------------------------------------------------------------
+# dubbing: the held-out part split into new audio and template (talkformer_core.eval.dubbing)
+
+SILENCE_SECONDS = 2.0
+
+
+def _points478(crops: np.ndarray) -> np.ndarray:
+    """mediapipe (tracking mode, one sequence) on crops upscaled to EVAL_CROP: (B, 478, 2) px, NaN if missed."""
+    from .face.landmarks import LandmarkDetector
+
+    out = []
+    with LandmarkDetector(max_num_faces=1) as det:
+        for c in _upscale(crops):
+            p, found = det.detect(c)
+            out.append(p[:, :2].astype(np.float64) if found else np.full((478, 2), np.nan))
+    return np.stack(out)
+
+
+def _anchor_x(content_box: np.ndarray, template_box: np.ndarray) -> np.ndarray:
+    """Slide jaw + lips (T, 57, 2) sideways so the lips' mean x is the template's (as anchor_mouth_x)."""
+    from .face import topology
+
+    lips = list(topology.LIP_POS)
+    dx = template_box[:, lips, 0].mean(1) - content_box[:, 17:, 0].mean(1)
+    out = content_box.copy()
+    out[:, :, 0] += dx[:, None]
+    return out
+
+
+def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, holdout: float, *,
+                   device: str | None = None, vae: str | os.PathLike | None = None, sampler: str = "ddim",
+                   steps: int = 25, seed: int = 0, noise_scale: float = 1.0, silence: bool = True) -> dict[str, Any]:
+    """The dubbing protocol (eval.dubbing) on one clip: trained on [0, 1 - holdout); the held-out part
+    split in halves, new audio = the first, template = the second (holdout 0.4: [0.6, 0.8) drives
+    [0.8, 1.0)). Opening series of stage 1 (predicted landmarks, crop frame), of the generated faces
+    (mediapipe on the crops at 256 px), of the renderer given the new audio's TRUE jaw and lips (placed
+    on the template's mouth: does stage 2 follow its landmarks and nothing else?), and the loudness
+    model; each correlated with the new audio's truth and with the template. Lip-shape error of
+    stage 1 and of the template's own lips against the truth after upper-face alignment. Silence:
+    ``SILENCE_SECONDS`` of zeros drive the template; their openings against the person's closed range
+    (lowest 10 % of the training frames, measured the same way)."""
+    from .eval import dubbing as D
+    from .face import topology
+    from .face.blend import lower_face_mask
+    from .pipeline import (AudioFeatures, audio_features, complete_landmarks, encode_reference, initial_noise,
+                           landmarks_to_crop, load_model, sample_faces)
+
+    h = load_holdout(shard, holdout)
+    T = len(h.crops)
+    split = D.split_clip(T, h.analysis.found, 1.0 - holdout, 1.0 - holdout / 2)
+    au, te, tr = split.audio, split.template, split.train
+    model = load_model(checkpoint, device or "cpu", vae=vae)
+    box = model.config.model.landmark_box
+    S = h.crops.shape[1]
+    refs_idx = tr[topology.pick_spread(h.analysis.openness[tr], model.num_references)]
+    refs = h.analysis.points_box(refs_idx, box)
+    ref = encode_reference(model, h.crops[reference_frame(h)])
+    noise = initial_noise(model, seed) * float(noise_scale)
+    mask = lower_face_mask(S)
+
+    def render(idx: np.ndarray, lms_crop: np.ndarray) -> np.ndarray:
+        gen = sample_faces(model, h.crops[idx], lms_crop, ref, steps=steps, sampler=sampler, seed=seed,
+                           batch_size=32, noise=noise)
+        return _paste(gen, h.crops[idx], mask)
+
+    def stage1(idx: np.ndarray, mels: np.ndarray) -> np.ndarray:
+        lm_box = complete_landmarks(model, h.analysis, AudioFeatures(mels, len(idx), 25.0), idx, references=refs)
+        return landmarks_to_crop(h.analysis, lm_box, idx, model)  # (n, 131, 2) crop frame
+
+    pts = h.analysis.track.points131_filled.astype(np.float64)
+    truth, tmpl = D.mouth_opening(pts[au]), D.mouth_opening(pts[te])
+    rows: dict[str, dict[str, Any]] = {}
+    true_lips = h.points_crop[au].astype(np.float64) * S
+    lm_cfg = model.landmark.cfg
+    fitted = getattr(model.landmark, "mouth", None) is not None and model.landmark.mouth.is_fitted
+    # the checkpoint's stage 1 ("stage1"); with a fitted mouth model also the transformer alone and the
+    # two averaged, from the same checkpoint (LandmarkConfig.mouth_blend)
+    variants = [("", None)] + ([("_transformer", 0.0), ("_blend", 0.5)] if fitted else [])
+    own = lm_cfg.mouth_blend
+    for suffix, blend in variants:
+        lm_cfg.mouth_blend = own if blend is None else blend
+        try:
+            s1 = stage1(te, h.mels[au])
+        finally:
+            lm_cfg.mouth_blend = own
+        rows["stage1" + suffix] = D.dubbing_scores(D.mouth_opening(s1), truth, tmpl)
+        rows["stage1" + suffix]["lip_shape_error"] = float(np.nanmean(D.lip_shape_error(s1 * S, true_lips)))
+        rows["faces" + suffix] = D.dubbing_scores(D.mouth_opening(_points478(render(te, s1))), truth, tmpl)
+    shape_tmpl = D.lip_shape_error(h.points_crop[te].astype(np.float64) * S, true_lips)
+    # renderer check: the new audio's true jaw + lips, in the template frame's stable box
+    true_box = h.analysis.points_box(au, box)
+    tmpl_box = h.analysis.points_box(te, box)
+    placed = tmpl_box.copy()
+    placed[:, list(topology.CONTENT_POS)] = _anchor_x(true_box[:, list(topology.CONTENT_POS)], tmpl_box)
+    gen_true = render(te, landmarks_to_crop(h.analysis, placed, te, model))
+    rows["renderer_true_landmarks"] = D.dubbing_scores(D.mouth_opening(_points478(gen_true)), truth, tmpl)
+    loud = D.LoudnessModel.fit(D.frame_loudness(h.mels[tr]), D.mouth_opening(pts[tr]))
+    rows["loudness"] = D.dubbing_scores(loud.predict(D.frame_loudness(h.mels[au])), truth, tmpl)
+    rows["template_lips"] = {"lip_shape_error": float(np.nanmean(shape_tmpl))}
+    # self-reconstruction of the template frames (their own audio), stage 1 only
+    rows["stage1_own_audio"] = D.dubbing_scores(D.mouth_opening(stage1(te, h.mels[te])), tmpl, tmpl)
+    rep: dict[str, Any] = {"rows": rows, "frames": int(len(te)), "train_frames": int(len(tr)),
+                           "audio_frames": [int(au[0]), int(au[-1]) + 1], "template_frames": [int(te[0]), int(te[-1]) + 1],
+                           "landmark_box": box, "sampler": sampler, "sampler_steps": steps,
+                           "mouth_model": bool(getattr(model.landmark, "mouth", None) is not None
+                                               and model.landmark.mouth.is_fitted)}
+    if silence:
+        sil = audio_features(np.zeros(int(16000 * SILENCE_SECONDS), np.float32))
+        idx = np.resize(te, sil.num_frames)
+        s1_sil = stage1(idx, sil.windows)
+        o1 = D.mouth_opening(s1_sil)
+        o2 = D.mouth_opening(_points478(render(idx, s1_sil)))
+        thr1 = D.closed_threshold(D.mouth_opening(pts[tr]))
+        thr2 = D.closed_threshold(D.mouth_opening(_points478(h.crops[tr])))
+        rep["silence"] = {"frames": int(sil.num_frames), "stage1_max": float(np.nanmax(o1)), "stage1_closed": thr1,
+                          "faces_max": float(np.nanmax(o2)), "faces_p90": float(np.nanquantile(o2, 0.9)),
+                          "faces_closed": thr2, "faces_missed": int(np.isnan(o2).sum()),
+                          "stage1_ok": bool(np.nanmax(o1) <= thr1), "faces_ok": bool(np.nanmax(o2) <= thr2)}
+    return rep
+
+
+DUB_ROWS = (("stage1", "stage 1 (predicted landmarks)"), ("faces", "generated faces"),
+            ("stage1_transformer", "stage 1, transformer alone"), ("faces_transformer", "faces, transformer alone"),
+            ("stage1_blend", "stage 1, mouth model + transformer averaged"),
+            ("faces_blend", "faces, mouth model + transformer averaged"),
+            ("renderer_true_landmarks", "renderer, the audio's true landmarks"), ("loudness", "loudness model"))
+
+
+def format_dubbing(rep: dict[str, Any], clip: str = "this clip") -> str:
+    """Markdown: one row per method (corr with the audio's truth, with the template, the latter given
+    the audio), lip-shape error, and the silence check."""
+    lines = [f"[finetune] dubbing: template frames {rep['template_frames']} driven by the audio of "
+             f"{rep['audio_frames']} ({rep['frames']} frames; {rep['train_frames']} training frames; "
+             f"box {rep['landmark_box']}; mouth model {'on' if rep['mouth_model'] else 'off'})",
+             "| clip | opening of | corr with the audio's truth ↑ | corr with the template | same, given the audio | "
+             "lip-shape error (x nose length) ↓ |", "|---|---|---|---|---|---|"]
+    for key, name in DUB_ROWS:
+        if key not in rep["rows"]:
+            continue
+        r = rep["rows"][key]
+        lse = r.get("lip_shape_error")
+        lines.append(f"| {clip} | {name} | {_f(r['corr_audio'], '.3f')} | {_f(r['corr_template'], '.3f')} | "
+                     f"{_f(r['corr_template_given_audio'], '.3f')} | {_f(lse, '.3f')} |")
+    lines.append(f"| {clip} | template's own lips | | | | {_f(rep['rows']['template_lips']['lip_shape_error'], '.3f')} |")
+    lines.append(f"audio's truth vs template truth: {_f(rep['rows']['stage1']['truth_vs_template'], '.3f')}; "
+                 f"stage 1 on the template's own audio: {_f(rep['rows']['stage1_own_audio']['corr_audio'], '.3f')}")
+    if "silence" in rep:
+        s = rep["silence"]
+        lines.append(f"silence ({s['frames']} frames): stage 1 max opening {s['stage1_max']:.4f} (closed range <= "
+                     f"{s['stage1_closed']:.4f}: {s['stage1_ok']}); faces max {s['faces_max']:.4f}, 90th pct "
+                     f"{s['faces_p90']:.4f} (closed range <= {s['faces_closed']:.4f}: {s['faces_ok']})")
+    return "\n".join(lines)
 
 
 def _better(metric: str, a: float | None, b: float | None) -> bool:
@@ -691,6 +886,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--report-json", default=None, help="write the result (minutes, steps, hold-out report) here")
     ap.add_argument("--noise-scale", type=float, default=1.0,
                     help="hold-out report: scale of the shared starting noise x_T (1 = what sync does)")
+    ap.add_argument("--dubbing", action="store_true",
+                    help="with --holdout F: also the dubbing report, the held-out part's second half driven by the "
+                         "audio of its first (F = 0.4: frames [0.8, 1) by the audio of [0.6, 0.8); docs/dubbing.md)")
     ap.add_argument("--report-only", action="store_true",
                     help="no training: score the existing --out checkpoint on the hold-out of OUT.work/")
     return ap
@@ -709,6 +907,10 @@ def _report_only(a: argparse.Namespace) -> int:
     rep = holdout_report(a.out, shards[0], holdout, device=a.device, vae=a.vae, steps=a.sampler_steps,
                          seed=a.seed, noise_scale=a.noise_scale)
     print(format_report(rep))
+    if a.dubbing:
+        rep["dubbing"] = dubbing_report(a.out, shards[0], holdout, device=a.device, vae=a.vae, steps=a.sampler_steps,
+                                        seed=a.seed, noise_scale=a.noise_scale)
+        print(format_dubbing(rep["dubbing"]))
     if a.report_json:
         from .models.checkpoint import read_metadata
 
@@ -730,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
                        ae_steps=a.ae_steps,
                        crop_size=a.crop_size, lr=a.lr, batch_size=a.batch_size, bf16=a.bf16, seed=a.seed,
                        eval_every=a.eval_every, sampler_steps=a.sampler_steps, noise_scale=a.noise_scale,
-                       threads=a.threads)
+                       dubbing=a.dubbing, threads=a.threads)
     except TalkFormerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -210,6 +210,8 @@ class FaceAnalysis:
     openness: np.ndarray  # (T,) lip openness (IP-LAP's measure, normalised image coords); NaN if no face
     frontalness: np.ndarray  # (T,) in [0, 1], 1 = frontal; NaN if no face
     crop_size: int
+    # (T, 4) float px: stage 1's jaw-blind boxes (topology.stable_landmark_boxes over the found frames)
+    stable_boxes: np.ndarray | None = None
 
     @property
     def found(self) -> np.ndarray:
@@ -231,10 +233,23 @@ class FaceAnalysis:
     def frame_size(self) -> tuple[int, int]:
         return tuple(self.track.frame_size)
 
-    def points_box(self, t: Any = slice(None)) -> np.ndarray:
-        """The detected (gap-filled) 131 points of template frames ``t`` in their box frame, (..., 131, 2)."""
+    def stage1_boxes(self, box: str = "stable") -> np.ndarray:
+        """(T, 4) px boxes of stage 1's box frame: ``box`` "stable" (``stable_boxes``) or
+        "per_frame" (IP-LAP's ``landmark_boxes``); ModelConfig.landmark_box names it."""
+        if box == "per_frame":
+            return self.landmark_boxes
+        if box != "stable":
+            raise InputError(f"landmark box {box!r}: expected one of {topology.LANDMARK_BOX_MODES}")
+        if self.stable_boxes is None:
+            h, w = self.frame_size
+            self.stable_boxes = topology.stable_landmark_boxes(self.track.points131_filled, w, h, valid=self.found)
+        return self.stable_boxes
+
+    def points_box(self, t: Any = slice(None), box: str = "per_frame") -> np.ndarray:
+        """The detected (gap-filled) 131 points of template frames ``t`` in their box frame, (..., 131, 2)
+        (IP-LAP's per-frame box by default; ``box="stable"`` stage 1's jaw-blind one)."""
         pts = self.track.points131_filled[t].astype(np.float64)
-        return topology.normalize(pts, self.landmark_boxes[t].astype(np.float64)).astype(np.float32)
+        return topology.normalize(pts, self.stage1_boxes(box)[t].astype(np.float64)).astype(np.float32)
 
 
 def frontalness(points131: np.ndarray) -> np.ndarray:
@@ -320,11 +335,12 @@ def choose_reference_frame(analysis: FaceAnalysis, override: int | None = None) 
     return int(np.argmax(score))
 
 
-def reference_landmark_sets(analysis: FaceAnalysis, n: int) -> np.ndarray:
-    """N reference full-face landmark sets (N, 131, 2), each in its own box frame, from frames
-    spread over the range of lip openness (IP-LAP inference_single.py:342-351, ``pick_spread``)."""
+def reference_landmark_sets(analysis: FaceAnalysis, n: int, box: str = "per_frame") -> np.ndarray:
+    """N reference full-face landmark sets (N, 131, 2), each in its own box frame (``box`` as
+    ``FaceAnalysis.points_box``), from frames spread over the range of lip openness (IP-LAP
+    inference_single.py:342-351, ``pick_spread``)."""
     idx = topology.pick_spread(analysis.openness, n)
-    return analysis.points_box(idx)
+    return analysis.points_box(idx, box)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,14 +426,18 @@ def audio_features(audio: str | os.PathLike | np.ndarray | tuple[Any, int], fps:
 def complete_landmarks(model: LoadedModel, analysis: FaceAnalysis, audio: AudioFeatures,
                        frame_indices: Sequence[int] | np.ndarray, references: np.ndarray | None = None,
                        batch_windows: int = 64) -> np.ndarray:
-    """Target landmarks of every output frame, (T, 131, 2) in each template frame's box frame.
+    """Target landmarks of every output frame, (T, 131, 2) in each template frame's box frame:
+    the box of the config's ``landmark_box`` (``FaceAnalysis.stage1_boxes``; pass the same to
+    ``landmarks_to_crop``). Pose and references are given in that box too, as in training.
 
     Output frame k shows template frame ``frame_indices[k]`` and hears mel window k. The output is
     cut into NON-overlapping windows of the config's L frames (the L of batched sequential training,
     paper §III-B); the last window, when T is not a multiple of L, is padded by repeating its last
     frame (mel and pose) and the padded predictions are dropped. Windows run in batches. The pose
     74 points are copied through unchanged; jaw 17 and lips 40 are predicted (with the config's
-    ``anchor_mouth_x``, then slid sideways onto the template frame's detected lips' mean x).
+    ``anchor_mouth_x``, then slid sideways onto the template frame's detected lips' mean x). A person
+    model whose landmark module holds a fitted mouth model (``LandmarkConfig.mouth_model``,
+    models.mouth_model) takes jaw and lips from it, over the whole sequence at once.
     """
     from .models.landmark_completion import LandmarkCompletion  # noqa: F401  (type of model.landmark)
 
@@ -426,8 +446,9 @@ def complete_landmarks(model: LoadedModel, analysis: FaceAnalysis, audio: AudioF
     if audio.num_frames < T:
         raise InputError(f"{audio.source}: {audio.num_frames} audio frames for {T} output frames")
     L = model.sequence_length
-    refs = reference_landmark_sets(analysis, model.num_references) if references is None else references
-    template = analysis.points_box(idx)  # (T, 131, 2) the template frames' detected landmarks
+    box = model.config.model.landmark_box
+    refs = reference_landmark_sets(analysis, model.num_references, box) if references is None else references
+    template = analysis.points_box(idx, box)  # (T, 131, 2) the template frames' detected landmarks
     pose_all = template[:, list(topology.POSE_POS)]  # (T, 74, 2)
     mels_all = audio.windows[:T]  # (T, 80, 16)
     n_win = math.ceil(T / L)
@@ -437,8 +458,12 @@ def complete_landmarks(model: LoadedModel, analysis: FaceAnalysis, audio: AudioF
         mels_all = np.concatenate([mels_all, np.repeat(mels_all[-1:], pad, 0)])
     dev = model.device
     net = model.landmark
+    mouth = getattr(net, "mouth", None)
     ref_t = torch.as_tensor(refs, dtype=torch.float32, device=dev)[None]  # (1, N, 131, 2)
     out = np.empty((n_win * L, 131, 2), np.float32)
+    blend = float(getattr(net.cfg, "mouth_blend", 1.0)) if mouth is not None and mouth.is_fitted else 0.0
+    if blend >= 1.0:  # the person's mouth model alone: a whole sequence at once, no transformer
+        n_win = 0
     for w0 in range(0, n_win, batch_windows):
         w1 = min(n_win, w0 + batch_windows)
         B = w1 - w0
@@ -449,6 +474,14 @@ def complete_landmarks(model: LoadedModel, analysis: FaceAnalysis, audio: AudioF
         pred = net.complete(mels, pose, ref_t.expand(B, -1, -1, -1))  # (B, L, 131, 2)
         out[sl] = pred.reshape(B * L, 131, 2).float().cpu().numpy()
     out = out[:T]
+    if blend > 0.0:
+        content = mouth(audio.windows[:T]).cpu().numpy()  # (T, 57, 2)
+        cp = list(topology.CONTENT_POS)
+        if blend >= 1.0:
+            out[:] = template
+            out[:, cp] = content
+        else:
+            out[:, cp] = blend * content + (1.0 - blend) * out[:, cp]
     if model.config.model.anchor_mouth_x:
         lips, content = list(topology.LIP_POS), list(topology.CONTENT_POS)
         dx = template[:, lips, 0].mean(1) - out[:, lips, 0].mean(1)  # (T,)
@@ -457,11 +490,16 @@ def complete_landmarks(model: LoadedModel, analysis: FaceAnalysis, audio: AudioF
 
 
 def landmarks_to_crop(analysis: FaceAnalysis, landmarks_box: np.ndarray,
-                      frame_indices: Sequence[int] | np.ndarray) -> np.ndarray:
+                      frame_indices: Sequence[int] | np.ndarray, box: str | LoadedModel = "stable") -> np.ndarray:
     """Box-frame landmarks of output frames (T, 131, 2) -> the crop frame [0, 1] of the template
-    frame each shows (what M-Align sees; face.topology.box_to_crop)."""
+    frame each shows (what M-Align sees; face.topology.box_to_crop). ``box``: the box frame they are
+    in, the model's ``landmark_box`` (a LoadedModel gives its own; default "stable", the configs'
+    default). The stable box does not grow with the template's jaw, so the mouth keeps the opening
+    stage 1 gave it."""
     idx = np.asarray(frame_indices, dtype=np.int64)
-    return topology.box_to_crop(landmarks_box.astype(np.float64), analysis.landmark_boxes[idx].astype(np.float64),
+    if isinstance(box, LoadedModel):
+        box = box.config.model.landmark_box
+    return topology.box_to_crop(landmarks_box.astype(np.float64), analysis.stage1_boxes(box)[idx].astype(np.float64),
                                 analysis.boxes[idx]).astype(np.float32)
 
 
@@ -793,9 +831,9 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
     T = len(plan)
     if frame_renderer is None:  # (a frame renderer runs stage 1 itself, per window)
         n_refs = opt.num_references or model.num_references
-        refs = reference_landmark_sets(analysis, n_refs)
+        refs = reference_landmark_sets(analysis, n_refs, model.config.model.landmark_box)
         lm_box = complete_landmarks(model, analysis, aud, plan, references=refs)  # (T, 131, 2)
-        lm_crop = landmarks_to_crop(analysis, lm_box, plan)  # (T, 131, 2)
+        lm_crop = landmarks_to_crop(analysis, lm_box, plan, model)  # (T, 131, 2)
     found_out = analysis.found[plan]
     n_faceless = int((~found_out).sum())
     if n_faceless:

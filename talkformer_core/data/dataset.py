@@ -12,7 +12,9 @@ A sample (dict of tensors; L = cfg.model.sequence_length, N = num_reference_land
     pose            (L, 74, 2)        float32  box frame   the upper-face points (POSE_POS)
     target_box      (L, 131, 2)       float32  box frame   ground-truth 131 points (completion target)
     target_crop     (L, 131, 2)       float32  crop frame  the same in the crop frame (M-Align, w/o End2End)
-    landmark_box    (L, 4)            float32  px          IP-LAP landmark box (x1, y1, x2, y2)
+    landmark_box    (L, 4)            float32  px          stage 1's landmark box (x1, y1, x2, y2): IP-LAP's
+                                                           per-frame box, or with ``model.landmark_box``
+                                                           "stable" (default) one that ignores the jaw
     crop_box        (L, 3)            float32  px          crop box (x0, y0, size)
                     (box -> crop: ``face.topology.box_to_crop(p, landmark_box, crop_box)``, per frame)
     reference       (3, S, S)         float32 in [-1, 1]   one crop of the clip outside the window
@@ -80,6 +82,23 @@ class _Clip:
     found: np.ndarray  # (T,) bool
 
 
+def stage1_box_frame(d: dict[str, np.ndarray], lo: int = 0, hi: int | None = None) -> dict[str, np.ndarray]:
+    """A shard's arrays with ``landmark_boxes`` / ``points131_box`` redone in the stable box of
+    ``topology.stable_landmark_boxes`` (constants from the found frames in [lo, hi)), the box
+    ``pipeline.complete_landmarks`` forms on the template: stage 1 trains as it runs."""
+    lb = d["landmark_boxes"].astype(np.float64)
+    px = (d["points131_px"].astype(np.float64) if "points131_px" in d
+          else topology.denormalize(d["points131_box"].astype(np.float64), lb))
+    H, W = (int(v) for v in d["frame_size"]) if "frame_size" in d else (int(lb[:, 3].max()), int(lb[:, 2].max()))
+    found = d["found"].astype(bool)
+    valid = np.zeros(len(px), bool)
+    valid[lo:hi] = found[lo:hi]
+    if not valid.any():
+        valid = found
+    boxes = topology.stable_landmark_boxes(px, W, H, valid=valid)
+    return {**d, "landmark_boxes": boxes, "points131_box": topology.normalize(px, boxes).astype(np.float32)}
+
+
 def _to_image(x: np.ndarray) -> torch.Tensor:
     """uint8 (..., S, S, 3) -> float (..., 3, S, S) in [-1, 1]."""
     t = torch.from_numpy(np.ascontiguousarray(x)).float().div_(127.5).sub_(1.0)
@@ -104,6 +123,10 @@ class TalkingFaceDataset(Dataset):
         # reads cached latents (train.LatentCache), where the images would only cost CPU time
         self.images = True
         self._data: dict[int, dict[str, np.ndarray]] = {}
+        self.box_mode = str(cfg.model.landmark_box)
+        if self.box_mode not in topology.LANDMARK_BOX_MODES:
+            raise InputError(f"config model.landmark_box {self.box_mode!r}: expected one of "
+                             f"{topology.LANDMARK_BOX_MODES}")
         a, b = frames
         if not 0.0 <= a < b <= 1.0:
             raise InputError(f"frames={frames}: expected 0 <= start_frac < end_frac <= 1")
@@ -137,6 +160,8 @@ class TalkingFaceDataset(Dataset):
         d = self._data.get(ci)
         if d is None:
             d = load_shard(self.clips[ci].path)
+            if self.box_mode == "stable":
+                d = stage1_box_frame(d, self.clips[ci].lo, self.clips[ci].hi)
             if self.cache:
                 self._data[ci] = d
         return d

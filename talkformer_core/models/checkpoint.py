@@ -265,6 +265,18 @@ def copy_with_metadata(src: str | os.PathLike, dst: str | os.PathLike, extra: Ma
     return _write_atomically(load_safetensors(src), Path(dst), meta)
 
 
+def replace_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> Path:
+    """Rewrite a TalkFormer checkpoint in place (atomically) with ``tensors`` replacing those of the
+    same keys (each must exist with the same shape); metadata unchanged."""
+    meta = dict(read_metadata(path))
+    have = load_safetensors(path)
+    for k, v in tensors.items():
+        if k not in have or tuple(have[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{path}: replace_tensors: no tensor {k!r} of shape {tuple(v.shape)}")
+        have[k] = v.detach().to("cpu", have[k].dtype).clone().contiguous()  # never one storage for two keys
+    return _write_atomically(have, Path(path), meta)
+
+
 def checkpoint_kind(path: str | os.PathLike) -> str:
     """'talkformer' or 'iplap'."""
     return read_metadata(path)["kind"]
