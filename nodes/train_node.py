@@ -20,11 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from talkformer_core import config as _config
-
 from ._common import CATEGORY, MODEL_FOLDER, TALKFORMER_MODEL, Progress, comfy_module, model_file_list
 
-PRESETS = [p for p in _config.PRESET_NAMES if p != "tiny"]  # config's one list (tiny: tests only)
+def presets() -> list[str]:
+    """config's one preset list (tiny: tests only); read when the node is described, so importing the
+    pack stays light."""
+    from talkformer_core.config import PRESET_NAMES
+
+    return [p for p in PRESET_NAMES if p != "tiny"]
 NONE = "none"
 
 
@@ -113,7 +116,7 @@ class TrainTalkFormerOnVideo:
                     "default": 30.0, "min": 0.5, "max": 10000.0, "step": 0.5,
                     "tooltip": "Wall-clock time for the whole training (the main quality knob). 30 min fits a "
                                "5-10 s clip on a small CPU; on a GPU give the same or more for a better model."}),
-                "preset": (PRESETS, {
+                "preset": (presets(), {
                     "default": "auto",
                     "tooltip": "Model size: auto (cpu64 on a CPU, gpu256 on a GPU), cpu64 (64 px face crops, "
                                "CPU-sized), cpu96, gpu128 (128 px, one GPU), gpu256 (256 px, the paper's crop, one "
@@ -162,7 +165,9 @@ class TrainTalkFormerOnVideo:
         from .video_node import audio_input, video_source
 
         stem = _check_name(name)
-        preset = _config.resolve_preset(preset)  # auto -> the device's preset, which the training key records
+        from talkformer_core.config import resolve_preset
+
+        preset = resolve_preset(preset)  # auto -> the device's preset, which the training key records
         if video is None and images is None:
             raise InputError("connect a VIDEO, or IMAGE frames with their AUDIO")
         out = models_directory() / f"{stem}.safetensors"

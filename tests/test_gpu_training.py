@@ -46,9 +46,9 @@ def test_one_preset_list_read_by_the_clis_and_the_node():
     sys.path.insert(0, str(ROOT))
     from nodes import train_node
 
-    assert train_node.PRESETS == [n for n in names if n != "tiny"]
+    assert train_node.presets() == [n for n in names if n != "tiny"]
     widget = train_node.TrainTalkFormerOnVideo.INPUT_TYPES()["required"]["preset"]
-    assert widget[0] == train_node.PRESETS and widget[1]["default"] == "auto"
+    assert widget[0] == train_node.presets() and widget[1]["default"] == "auto"
     for name in ("auto", "cpu64", "gpu256"):
         assert name in (ROOT / "docs" / "finetune.md").read_text()
 
