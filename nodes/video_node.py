@@ -42,18 +42,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ._common import CATEGORY, TALKFORMER_MODEL, Progress, check_interrupt, comfy_module
+from .generate_nodes import DEFAULT_SAMPLER, DEFAULT_STEPS, _sampler_names
 
 LENGTH_MODES = ["pingpong", "loop", "trim"]
 OUTPUT_PREFIX = "talkformer_lipsync"
-
-
-def _sampler_names() -> list[str]:
-    try:
-        from talkformer_core.diffusion import SAMPLERS
-
-        return list(SAMPLERS)
-    except Exception:  # torch missing: the list still has to render
-        return ["ddim", "dpmpp_2m", "ddpm"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,10 +230,11 @@ class TalkFormerLipSyncVideo:
                 "video": ("VIDEO", {"tooltip": "The template video (Load Video, or any node giving a VIDEO). "
                                                "Read from its file, never decoded whole into memory."}),
                 "model": (TALKFORMER_MODEL, {"tooltip": "Load TalkFormer Model."}),
-                "steps": ("INT", {"default": 25, "min": 1, "max": 1000,
-                                  "tooltip": "Denoising steps (the paper: 200 DDIM steps; 25 is a good trade)."}),
-                "sampler": (_sampler_names(), {"default": "ddim",
-                                               "tooltip": "ddim (the paper's), dpmpp_2m (fewer steps), ddpm."}),
+                "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": 1000,
+                                  "tooltip": "Denoising steps (the paper: 200 DDIM steps; DPM-Solver++(2M) at 10 is "
+                                             "within 2 % of that, docs/speed.md)."}),
+                "sampler": (_sampler_names(), {"default": DEFAULT_SAMPLER,
+                                               "tooltip": "dpmpp_2m (fewest steps), ddim (the paper's), ddpm."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                                  "tooltip": "Seed of the starting noise (one noise for the whole video keeps it "
                                             "temporally steady)."}),
@@ -281,7 +274,7 @@ class TalkFormerLipSyncVideo:
             },
         }
 
-    def lipsync(self, video: Any, model: Any, steps: int = 25, sampler: str = "ddim", seed: int = 0,
+    def lipsync(self, video: Any, model: Any, steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER, seed: int = 0,
                 length_mode: str = "pingpong", face_index: int = -1, reference_frame: int = -1,
                 feather: int = -1, watermark: bool = True, audio: Any = None, iplap_references: int = 25,
                 c2pa_cert: str = "", c2pa_key: str = ""):
