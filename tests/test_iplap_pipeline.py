@@ -306,13 +306,13 @@ def test_sync_cli_runs_the_iplap_path(ckpt, clip, tmp_path):
     wav = tmp_path / "a.wav"
     import soundfile as sf
 
-    sf.write(str(wav), _audio(c, 4)[0], SR)
+    sf.write(str(wav), _audio(c, 5)[0], SR)
     out = tmp_path / "cli.mp4"
     args = ["--video", str(path), "--audio", str(wav), "--checkpoint", str(ckpt[0]), "--out", str(out)]
     assert sync.main(args + ["--iplap-references", "0"]) == 2 and not out.exists()
     assert sync.main(args + ["--iplap-references", "1", "--batch-size", "4"]) == 0
     info = probe_video(out)
-    assert info.num_frames == 4 and info.has_audio
+    assert info.num_frames == 5 and info.has_audio
 
 
 def test_interrupt_points_stop_a_forward_pass_midway(model):
@@ -357,7 +357,7 @@ def test_interrupt_leaves_no_file(model, clip, tmp_path):
         raise Stop
 
     with pytest.raises(Stop):
-        pipeline.lipsync(path, _audio(c, 4), model, tmp_path / "x.mp4",
+        pipeline.lipsync(path, _audio(c, 5), model, tmp_path / "x.mp4",
                          pipeline.SyncOptions(iplap_references=1, batch_size=1), callback=cb)
     assert not (tmp_path / "x.mp4").exists()
 

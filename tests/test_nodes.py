@@ -188,7 +188,7 @@ def test_detect_face_landmarks(track, images):
 def test_detect_face_landmarks_errors(images):
     from talkformer_core.errors import FaceError, InputError
 
-    with pytest.raises(FaceError, match="images: expected face #3"):
+    with pytest.raises(FaceError, match=r"face index 3: only 1 face found in the 3 frame\(s\) of images"):
         node("TalkFormerDetectFaceLandmarks").detect(images[:3], crop_size=96, face_index=3)  # no 4th face
     with pytest.raises(InputError, match="IMAGE"):
         node("TalkFormerDetectFaceLandmarks").detect(torch.zeros(2, 8, 8), crop_size=96)
