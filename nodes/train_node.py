@@ -59,18 +59,25 @@ def _check_name(name: str) -> str:
     return n
 
 
-def frames_to_video(images: Any, audio: Any, fps: float, path: Path) -> Path:
-    """IMAGE frames + AUDIO -> an mp4 (h264 + AAC) the preprocessing reads."""
+def clip_audio(audio: Any) -> tuple[Any, int]:
+    """The AUDIO that comes with IMAGE frames -> (waveform, rate); an error when none is connected."""
     from talkformer_core.errors import AudioError
-    from talkformer_core.video import VideoWriter
 
-    from ._common import image_to_uint8
     from .video_node import audio_input
 
     if audio is None:
         raise AudioError("audio: IMAGE frames need the AUDIO of the same clip (the model learns from its speech)")
+    return audio_input(audio)
+
+
+def frames_to_video(images: Any, audio: Any, fps: float, path: Path) -> Path:
+    """IMAGE frames + AUDIO -> an mp4 (h264 + AAC) the preprocessing reads."""
+    from talkformer_core.video import VideoWriter
+
+    from ._common import image_to_uint8
+
+    wav, rate = clip_audio(audio)
     frames = image_to_uint8(images, "images")
-    wav, rate = audio_input(audio)
     path.parent.mkdir(parents=True, exist_ok=True)
     with VideoWriter(path, float(fps), audio=wav, audio_rate=rate) as w:
         for f in frames:
@@ -162,7 +169,7 @@ class TrainTalkFormerOnVideo:
 
         from ._common import resolve_model_file
         from .model_nodes import _vae_state_dict
-        from .video_node import audio_input, video_source
+        from .video_node import video_source
 
         stem = _check_name(name)
         from talkformer_core.config import resolve_preset
@@ -180,9 +187,7 @@ class TrainTalkFormerOnVideo:
                 src = stack.enter_context(video_source(video))
                 clip_sha = file_sha256(src)
             else:
-                if audio is None:
-                    frames_to_video(images, None, fps, work_parent / "input.mp4")  # raises the AUDIO error
-                wav, rate = audio_input(audio)
+                wav, rate = clip_audio(audio)
                 clip_sha, src = arrays_sha256(images, wav, [rate, float(fps)]), None
             settings = {"preset": preset, "budget_minutes": float(budget_minutes), "holdout": float(holdout),
                         "max_steps": max_steps, "seed": 0,
