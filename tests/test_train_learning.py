@@ -216,14 +216,17 @@ def test_landmark_l1_falls_fivefold(learned):
 # (103x), but mouth correlation 0.13 (-0.05 at 400 and 800 steps; true frames 0.98) and PSNR
 # 18.92 dB vs 19.21 dB copy-reference: the second test FAILS deterministically here, so the recipe
 # itself stopped learning the mouth since the run below (not the machine's speed); 693 s CPU.
+# The cause, measured: the same run with ModelConfig.landmark_box = "per_frame" (IP-LAP's box) instead
+# of the new default "stable" gives corr 0.873 (true frames 0.984), PSNR 22.45 vs 19.21 dB, L1 100x:
+# the stable stage-1 box costs the renderer its grip on the mouth here (under investigation).
 # Earlier fix: batch 8 and up to 2000 steps (lr 1e-3), the TalkFormer stage capped at a wall
 # clock budget. Measured (pytest, 2 cores shared with 3 other training jobs): the budget stopped it at 1210
 # steps (3.3 steps/s); corr 0.92 (true frames 0.98), PSNR 23.4 dB vs 19.2 dB copy-reference, landmark
 # L1 0.753 -> 0.0078 (96x); total 595 s wall, 680 s CPU (2 threads).
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="known regression, measured above: at 1200 fixed steps the generated mouth "
-                                         "correlates 0.13 with the unseen audio (0.92 before the stage-1 box and "
-                                         "sampler changes); the numbers are still computed and reported")
+@pytest.mark.xfail(strict=False, reason="known regression, measured above: with the default stable stage-1 box the "
+                                         "generated mouth correlates 0.13 with the unseen audio at 1200 fixed "
+                                         "steps; with IP-LAP's per-frame box 0.87")
 def test_generated_mouth_follows_unseen_audio(learned):
     assert learned["corr_generated"] >= 0.8, learned
     assert learned["psnr_generated"] > learned["psnr_copy_reference"], learned
