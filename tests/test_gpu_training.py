@@ -14,19 +14,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_helpers import tiny_config, write_autoencoder, write_shards  # noqa: E402
+from train_helpers import ae_file, shards, tiny_config, write_autoencoder, write_shards  # noqa: E402,F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return write_shards(tmp_path_factory.mktemp("shards"), crop_size=32, seeds=(0, 1))
-
-
-@pytest.fixture(scope="module")
-def ae_file(tmp_path_factory):
-    return write_autoencoder(tmp_path_factory.mktemp("ae") / "ae.safetensors", tiny_config())
 
 
 # ---------------------------------------------------------------------------------------------- presets
