@@ -1,4 +1,4 @@
-"""Stage 2's one batch loop (talkformer_core.sampling): bit-equality with the serial chain, parallel
+"""Stage 2's one batch loop (talkformer_core.sampling): equality with the serial chain, parallel
 Temp-Att chains and their seams, streaming state, run counts, batch size from free memory."""
 from __future__ import annotations
 
@@ -72,26 +72,34 @@ def temporal():
     return m, crops, lms, P.encode_reference(m, crops[0])
 
 
-def test_non_temporal_outputs_match_the_recorded_loop():
-    """Bit-equality with the stage-2 loop this module replaced, for hashes recorded with it on this
-    machine's torch build and CPU kernels (elsewhere CPU kernels round differently: skipped)."""
-    import hashlib
+RECORDED = {"ddim3": dict(steps=3), "ddim3_bs3": dict(steps=3, batch_size=3),
+            "dpm4_bs8": dict(steps=4, sampler="dpmpp_2m", batch_size=8),
+            "ddim3_eta": dict(steps=3, eta=0.5, seed=2, batch_size=5)}
 
-    rec = json.loads((FIXTURES / "stage2_hashes.json").read_text())
-    if rec["torch"] != torch.__version__ or rec["cpu_capability"] != torch.backends.cpu.get_cpu_capability():
-        pytest.skip(f"hashes recorded with torch {rec['torch']} / {rec['cpu_capability']}")
+
+def recorded_outputs() -> dict[str, np.ndarray]:
+    """The outputs tests/fixtures/stage2_outputs.npz holds (`python tests/test_sampling.py --record` writes them)."""
     m = loaded(False)
     crops, lms = inputs(12)
     ref = P.encode_reference(m, crops[0])
-    for name, kw in {"ddim3": dict(steps=3), "ddim3_bs3": dict(steps=3, batch_size=3),
-                     "dpm4_bs8": dict(steps=4, sampler="dpmpp_2m", batch_size=8),
-                     "ddim3_eta": dict(steps=3, eta=0.5, seed=2, batch_size=5)}.items():
-        out = P.sample_faces(m, crops, lms, ref, **kw)
-        assert hashlib.sha256(out.tobytes()).hexdigest()[:16] == rec["tiny_temporal0_" + name], name
+    out = {f"temporal0_{k}": P.sample_faces(m, crops, lms, ref, **kw) for k, kw in RECORDED.items()}
     m = loaded(True)
-    ref = P.encode_reference(m, crops[0])
-    out = P.sample_faces(m, crops, lms, ref, steps=3)
-    assert hashlib.sha256(out.tobytes()).hexdigest()[:16] == rec["tiny_temporal1_ddim3"]
+    out["temporal1_ddim3"] = P.sample_faces(m, crops, lms, P.encode_reference(m, crops[0]), steps=3)
+    return out
+
+
+def test_outputs_match_the_recorded_ones():
+    """Stage 2's faces for fixed seeds stay what they were when recorded (a change of maths, seeds
+    or batching shows as a large difference); CPUs and thread counts round differently, so a level
+    of 255 is allowed on a few pixels, never a changed face."""
+    rec = np.load(FIXTURES / "stage2_outputs.npz")
+    got = recorded_outputs()
+    assert sorted(rec.files) == sorted(got)
+    for k, v in got.items():
+        d = np.abs(v.astype(np.int16) - rec[k].astype(np.int16))
+        assert d.max() <= 2 and (d > 0).mean() < 0.01, (k, d.max(), (d > 0).mean())
+    # batch size and the sampler's own batching leave the faces alone
+    assert np.abs(got["temporal0_ddim3"].astype(int) - got["temporal0_ddim3_bs3"]).max() <= 1
 
 
 def test_short_temporal_video_equals_the_serial_chain(temporal):
@@ -101,9 +109,12 @@ def test_short_temporal_video_equals_the_serial_chain(temporal):
     assert fs.segments(T) == [(0, T)]
     z = fs.latents(crops[:T], lms[:T])
     want, motion = serial_chain(m, crops[:T], lms[:T], ref, 3)
-    assert torch.equal(z, want) and torch.equal(fs.motion, motion)
+    # equal up to CPU rounding (kernels sum in an order that depends on batch shape and threads);
+    # a wrong clip, motion frame or mask differs by ~1
+    torch.testing.assert_close(z, want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(fs.motion, motion, atol=1e-4, rtol=0)
     faces = P.sample_faces(m, crops[:T], lms[:T], ref, steps=3)
-    np.testing.assert_array_equal(faces, P.tensor_to_crops(m.model.decode(want)))
+    assert np.abs(faces.astype(int) - P.tensor_to_crops(m.model.decode(want))).max() <= 1
 
 
 def _expected_parallel(m, crops, lms, ref, segs, crossfade: bool):
@@ -129,7 +140,7 @@ def test_parallel_chains_are_serial_chains_per_segment(temporal, crossfade):
     segs = fs.segments(23)
     assert segs == [(0, 10), (7, 20), (17, 23)]
     z = fs.latents(crops, lms)
-    assert torch.equal(z, _expected_parallel(m, crops, lms, ref, segs, crossfade))
+    torch.testing.assert_close(z, _expected_parallel(m, crops, lms, ref, segs, crossfade), atol=1e-4, rtol=0)
     serial, _ = serial_chain(m, crops, lms, ref, 2)
     d = (z - serial).abs().flatten(1).amax(1)
     # the first chain, before its overlap, is the serial chain (up to the rounding of encoding
@@ -171,7 +182,7 @@ def test_streaming_calls_carry_motion_frames(temporal):
     whole = S.FaceSampler(m, ref, steps=2, segment=40).latents(crops[:15], lms[:15])
     fs = S.FaceSampler(m, ref, steps=2, segment=40)
     parts = torch.cat([fs.latents(crops[:10], lms[:10]), fs.latents(crops[10:15], lms[10:15])])
-    assert torch.equal(parts, whole)
+    torch.testing.assert_close(parts, whole, atol=1e-4, rtol=0)  # without the carried motion: ~1.6 apart
     # a later call that runs parallel chains: its first chain starts from the carried motion frames
     fs2 = S.FaceSampler(m, ref, steps=2, batch_size=10, segment=5, overlap=2)
     fs2.latents(crops[:5], lms[:5])
@@ -371,3 +382,10 @@ def test_default_sampler_is_the_measured_one_everywhere():
     # the Sampler node repeats them (its input list renders without torch)
     src = (Path(__file__).resolve().parents[1] / "nodes" / "generate_nodes.py").read_text()
     assert f'DEFAULT_SAMPLER, DEFAULT_STEPS = "{S.DEFAULT_SAMPLER}", {S.DEFAULT_STEPS}' in src
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--record"]:
+        np.savez_compressed(FIXTURES / "stage2_outputs.npz", **recorded_outputs())
