@@ -145,6 +145,15 @@ def _sigint(*_a, **_k):
     os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C: Python raises it at the next bytecode
 
 
+@pytest.fixture(autouse=True)
+def _ctrl_c_raises():
+    """Python's own Ctrl-C handler, also when pytest was started with SIGINT ignored (`nohup cmd &`
+    from a script: a real Ctrl-C could never reach it, so the test would prove nothing)."""
+    prev = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, prev)
+
+
 @pytest.mark.parametrize("moment", ["before_open", "right_after_create", "after_open", "mid_write",
                                     "inside_encoder", "finalize", "rename"])
 def test_writer_leaves_no_partial_file_after_ctrl_c(tmp_path, monkeypatch, moment):

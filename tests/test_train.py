@@ -357,7 +357,8 @@ def test_train_cli_ctrl_c_exits_130_with_one_line(shards, tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "talkformer_core.train", "--stage", "autoencoder", "--data",
                           str(shards), "--preset", "tiny", "--out", str(out), "--steps", "100000",
                           "--batch-size", "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+                         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # SIG_DFL in the child: a pytest started with SIGINT ignored (`nohup cmd &`) would pass that on
     try:
         for _ in range(600):  # wait (for synchronisation only) until a few steps are logged
             if (out / "log.csv").exists() and len((out / "log.csv").read_text().splitlines()) > 3:
