@@ -1,6 +1,6 @@
 """Paste a generated face crop back into its frame through a feathered lower-face mask.
 
-DESIGN.md §1 step 4 / §2: "Gaussian-blurred face mask as alpha". IP-LAP blurs a 68-point contour
+The alpha is a Gaussian-blurred face mask, as in IP-LAP, which blurs a 68-point contour
 mask (21x21, sigma 11; inference_single.py:126-156); our generated region is the lower half of the
 square crop (the latent rows [h // 2:]), so the mask is that half, feathered on every side and
 exactly zero on the crop's border and on its upper half, so the pasted region has no seam.

@@ -6,7 +6,7 @@ Python API (the CLI in ``__main__`` and later ``finetune`` call this; there is n
     result.checkpoint  # Path of the final checkpoint (models/checkpoint format, atomic)
     result.metrics     # {"loss": [...], "ldm": [...], "l1": [...], "steps_per_s": ..., ...}
 
-Stage ``talkformer`` (paper eq. 6, DESIGN.md §1):
+Stage ``talkformer`` (paper eq. 6, docs/architecture.md "The U-Net contract"):
     L_total = L_ldm + lambda * L1,  lambda = cfg.train.landmark_loss_weight (10)
     L1    = LandmarkCompletion.l1_loss(predicted jaw+lips, ground truth)  (box frame, IP-LAP's nn.L1Loss)
     L_ldm = diffusion.ldm_loss (eq. 1, lower half) with z0 = E(crop), context = E(masked crop),
@@ -385,7 +385,7 @@ def load_autoencoder_file(path: str | Path, cfg: TalkFormerConfig) -> tuple[dict
 
 
 def init_landmarks_from(model: nn.Module, path: str | Path) -> None:
-    """Issue 9 item 5: start the completion module from an IP-LAP checkpoint converted by
+    """Start the completion module from an IP-LAP checkpoint converted by
     ``talkformer_core.convert`` (kind "iplap", tensors under ``landmark.``) or any of ours."""
     from ..models.checkpoint import load_model_state, read_checkpoint
 
