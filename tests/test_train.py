@@ -1,4 +1,4 @@
-"""Training loop: end-to-end gradient (DESIGN.md §1), bit-identical resume, DDP = accumulation,
+"""Training loop: end-to-end gradient (eq. 6), bit-identical resume, DDP = accumulation,
 --init-landmarks, the autoencoder stage's scale factor."""
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def test_resume_is_bit_identical(shards, ae_file, tmp_path):
 
 def test_ddp_two_processes_equal_gradient_accumulation(shards, ae_file, tmp_path):
     """torchrun, 2 CPU processes (gloo), dropout off: after 3 steps the parameters equal those of
-    one process accumulating over the same two half-batches (DESIGN.md §6); BatchNorm running
+    one process accumulating over the same two half-batches; BatchNorm running
     statistics are per process and not compared."""
     from talkformer_core.train import train
 
