@@ -196,17 +196,6 @@ def uint8_to_image(frames: Any):
     return t.to(intermediate_device())
 
 
-def audio_to_16k(audio: Any):
-    """ComfyUI AUDIO {"waveform": [B, C, T], "sample_rate"} -> float32 (n,) 16 kHz mono numpy."""
-    from talkformer_core.audio import to_16k_mono
-    from talkformer_core.errors import AudioError
-
-    if not isinstance(audio, dict) or "waveform" not in audio or "sample_rate" not in audio:
-        raise AudioError(f"audio: expected ComfyUI AUDIO {{'waveform': [B, C, T], 'sample_rate': int}}, "
-                         f"got {type(audio).__name__}")
-    return to_16k_mono(audio["waveform"], float(audio["sample_rate"]))
-
-
 def audio_seconds(audio: Any) -> float:
     """Duration of a ComfyUI AUDIO in seconds."""
     from talkformer_core.errors import AudioError

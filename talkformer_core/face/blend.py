@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from ..errors import InputError
-from .track import FaceTrack, crop_frame, crop_transform
+from .track import FaceTrack, crop_transform
 
 
 def default_feather(size: int) -> int:
@@ -112,8 +112,3 @@ def paste_back_tracked(
     if not bool(track.found[t]):
         return frame.copy()
     return paste_back(frame, crop, track.boxes[t], mask=mask, feather=feather)
-
-
-def roundtrip(frame: np.ndarray, box: Any, size: int, feather: int | None = None) -> np.ndarray:
-    """Crop then paste the unchanged crop back (the identity check of issue 2)."""
-    return paste_back(frame, crop_frame(frame, box, size), box, feather=feather)

@@ -30,10 +30,10 @@ two, and a resumed run the same as an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
-import json
 import math
 import os
 import time
@@ -45,7 +45,6 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import TalkFormerConfig, preset
@@ -759,7 +758,7 @@ def train(cfg: TalkFormerConfig | str, *, stage: str, data: str | Path, out: str
                 last_batch = batch
                 g = torch.Generator(device=dev).manual_seed(_seed_of(seed, step, dd.rank * grad_accum + a))
                 sync = dd.world == 1 or a == grad_accum - 1
-                ctx = wrapped.no_sync() if (not sync and hasattr(wrapped, "no_sync")) else _null()
+                ctx = wrapped.no_sync() if (not sync and hasattr(wrapped, "no_sync")) else contextlib.nullcontext()
                 with ctx:
                     with autocast:
                         loss, logs = wrapped(batch, g)
@@ -843,14 +842,6 @@ def train(cfg: TalkFormerConfig | str, *, stage: str, data: str | Path, out: str
     if dd.world > 1:
         dist.barrier()
     return TrainResult(ck_path, metrics)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _buffers(modules: Mapping[str, nn.Module]) -> list[Tensor]:
