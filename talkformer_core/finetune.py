@@ -38,7 +38,6 @@ no face in a 64 px crop), LMD in pixels of a 256 crop as eval reports it.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -208,7 +207,6 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
     from .data.preprocess import options_for, process_clip, Rejected, save_shard, shard_name
     from .train import train
 
-    t_all = time.time()
     video, out = Path(video), Path(out)
     validate_inputs(video, out, budget_minutes=budget_minutes, holdout=holdout, vae=vae,
                     init_landmarks=init_landmarks, steps=steps, preset=preset, ae_steps=ae_steps, dubbing=dubbing)

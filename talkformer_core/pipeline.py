@@ -807,7 +807,7 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
     if frame_renderer is not None:
         frame_renderer.check(model)  # e.g. an IP-LAP file converted without its renderer
     S = model.crop_size
-    mask = lower_face_mask(S, opt.feather)  # checks the feather width
+    lower_face_mask(S, opt.feather)  # checks the feather width
     marker = Watermarker() if opt.watermark else None
     if marker is not None:
         marker.load()  # onnxruntime missing -> a clear error now, not after the sampling
