@@ -75,7 +75,7 @@ def test_state_dict_layout_equals_iplap(full):
     ref = reference_layout()
     assert list(sd) == list(ref)  # same keys, same order
     assert {k: tuple(v.shape) for k, v in sd.items()} == ref
-    assert iplap_layout() == ref  # the packaged copy agrees with the shared one
+    assert iplap_layout() == ref  # the packaged copy agrees with the one extracted from IP-LAP
     assert len(sd) == 435
     assert sum(p.numel() for p in full.parameters()) == 13_724_394
     assert all(p.requires_grad for p in full.parameters())
