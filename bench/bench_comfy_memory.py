@@ -5,7 +5,7 @@
 
 Not a test: it starts ComfyUI (``--cpu``, loopback) in a base directory of its own (models/,
 custom_nodes/ with this pack linked in, input/, output/, temp/), so it touches nothing of the
-ComfyUI checkout. What it measures (issue 10):
+ComfyUI checkout. What it measures:
 
 1. *Node*: ``workflows/lipsync_long_video.api.json`` (LoadVideo + LoadAudio -> Load TalkFormer
    Model -> TalkFormer Lip Sync (Video) -> SaveVideo) on a 10 s and a 60 s clip of the same
@@ -20,11 +20,11 @@ ComfyUI checkout. What it measures (issue 10):
    LoadVideo -> GetVideoComponents -> CreateVideo -> SaveVideo. A watchdog kills the server when its
    RSS passes ``--rss-limit-gb`` (the machine is shared); the table then says "> limit".
 
-Clips: a clip of ../shared/media (default videoretalking_face_5.mp4, 524x524, 25 fps, AAC) looped
-to length with its audio looped alike (``talkformer_core.video``), optionally resized (``--size``,
-0 = native). Checkpoint: the tiny preset with random weights (memory, not quality, is measured),
-``--steps`` denoising steps. Provenance marks are off unless ``--watermark`` (they cost time, not
-memory that grows with length).
+Clips: a talking clip (``--media``, default ../shared/media/videoretalking_face_5.mp4, 524x524,
+25 fps, AAC) looped to length with its audio looped alike (``talkformer_core.video``), optionally
+resized (``--size``, 0 = native). Checkpoint: the tiny preset with random weights (memory, not
+quality, is measured), ``--steps`` denoising steps. Provenance marks are off unless
+``--watermark`` (they cost time, not memory that grows with length).
 """
 from __future__ import annotations
 

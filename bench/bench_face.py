@@ -1,4 +1,4 @@
-"""Face front end speed and stability on the real clips in ../shared/media.
+"""Face front end speed and stability on real talking clips (``--media``, default ../shared/media).
 
 Prints, per clip: mediapipe FaceMesh (tracking mode, refine_landmarks) ms per frame, the crop-centre
 jitter (std in px of frame-to-frame centre differences) before and after smoothing, and the time

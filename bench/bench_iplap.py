@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Frames per second of the IP-LAP path (issue 9): pipeline.lipsync on a synthetic clip with a
+"""Frames per second of the IP-LAP path (docs/iplap.md): pipeline.lipsync on a synthetic clip with a
 random-weight IP-LAP checkpoint (the networks' cost does not depend on the weights).
 
     python bench/bench_iplap.py [--seconds 1] [--references 25 5] [--device cpu] [--json out.json]

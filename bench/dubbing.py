@@ -4,13 +4,14 @@
                             [--work /tmp/talkformer_dubbing] [--out docs/dubbing.md] [--reuse]
     python bench/dubbing.py --stage1 [--transformer-steps 1500] [--threads 1]
 
-Full mode: for every clip in ../shared/media, ``python -m talkformer_core.finetune --holdout 0.4
---dubbing`` with the CPU defaults (cpu64, 30 minutes): trained on frames [0, 0.6); the template
-frames [0.8, 1.0) driven by the audio of [0.6, 0.8) (``finetune.dubbing_report``,
-``talkformer_core.eval.dubbing``), each clip in its own process (``--jobs`` at once). Writes the
-dubbing table (stage 1, generated faces, the renderer given the audio's true landmarks, the loudness
-model: correlation of the mouth opening with the new audio's truth and with the template's), the
-silence check, the self-reconstruction table of the same models and the bar's verdicts.
+Full mode: for every clip (``--clips``, default the mp4s of ../shared/media), ``python -m
+talkformer_core.finetune --holdout 0.4 --dubbing`` with the CPU defaults (cpu64, 30 minutes):
+trained on frames [0, 0.6); the template frames [0.8, 1.0) driven by the audio of [0.6, 0.8)
+(``finetune.dubbing_report``, ``talkformer_core.eval.dubbing``), each clip in its own process
+(``--jobs`` at once). Writes the dubbing table (stage 1, generated faces, the renderer given the
+audio's true landmarks, the loudness model: correlation of the mouth opening with the new audio's
+truth and with the template's), the silence check, the self-reconstruction table of the same models
+and the bar's verdicts.
 ``--reuse`` rebuilds the page from the JSON reports of an earlier run.
 
 ``--stage1``: stage 1 alone, in minutes: the loudness model, the person's mouth model

@@ -1,15 +1,16 @@
-"""Issue 11 item 3 on the real clips: person-specific training with a hold-out, against two baselines.
+"""The hold-out bar (docs/finetune.md) on real clips: person-specific training, against two baselines.
 
     python bench/finetune_real.py [--budget-minutes 30] [--jobs 3] [--threads 1] [--clips A.mp4 ...]
                                   [--out docs/finetune_results.md] [--work /tmp/talkformer_finetune_real]
 
-For every clip in ../shared/media: ``python -m talkformer_core.finetune --holdout 0.2`` with the
-CPU defaults (train on the first 80 % of the frames, score the last 20 % with the clip's own
-audio), each run in its own process (``--jobs`` at once; on a shared 2-core machine several
-1-thread processes get more CPU than one 2-thread process). Writes the markdown table (per clip:
-PSNR, SSIM, LMD, mouth-opening correlation for ours with test-frame landmarks, ours audio-driven,
-copy-reference and mean-mouth), the training minutes and steps per clip, and the verdicts of the
-quality bar. ``--reuse`` rebuilds the table from the JSON reports of an earlier run.
+For every clip (``--clips``, default the mp4s of ../shared/media): ``python -m
+talkformer_core.finetune --holdout 0.2`` with the CPU defaults (train on the first 80 % of the
+frames, score the last 20 % with the clip's own audio), each run in its own process (``--jobs`` at
+once; on a shared 2-core machine several 1-thread processes get more CPU than one 2-thread process).
+Writes the markdown table (per clip: PSNR, SSIM, LMD, mouth-opening correlation for ours with
+test-frame landmarks, ours audio-driven, copy-reference and mean-mouth), the training minutes and
+steps per clip, and the verdicts of the quality bar. ``--reuse`` rebuilds the table from the JSON
+reports of an earlier run.
 
 The 256 px ruler (every preset scored alike: lower half of the 256 px crop, smaller crops upscaled
 bicubic, baselines at 256; ``talkformer_core.eval.ruler``):
@@ -75,7 +76,7 @@ def markdown(results: dict[str, dict], a: argparse.Namespace) -> str:
     from talkformer_core.finetune import report_table
 
     reports = {k: v["report"] for k, v in results.items()}
-    lines = ["# Person-specific fine-tuning on the real clips (issue 11 item 3)", "",
+    lines = ["# Person-specific fine-tuning on the real clips: the hold-out bar", "",
              f"`python bench/finetune_real.py --budget-minutes {a.budget_minutes:g} --jobs {a.jobs}"
              f"{' --threads ' + str(a.threads) if a.threads else ''}`: preset `{a.preset}`, trained on the first "
              f"{1 - a.holdout:.0%} of each clip's frames, scored on the last {a.holdout:.0%} with the clip's own "

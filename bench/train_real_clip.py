@@ -1,5 +1,5 @@
-"""Real-clip run (issue 4 item 7; not a test): train on the first 80% of one clip from ../shared/media,
-test on the last 20% with its own audio.
+"""Real-clip run (not a test): train on the first 80% of one clip from a folder of talking clips
+(default ../shared/media), test on the last 20% with its own audio.
 
     python bench/train_real_clip.py [--clip NAME] [--preset small] [--ae-minutes 5] [--tf-minutes 10]
 

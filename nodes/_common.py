@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 CATEGORY = "TalkFormer"
-MODEL_FOLDER = "talkformer"  # models/talkformer/, folder_paths name (DESIGN.md §4)
+MODEL_FOLDER = "talkformer"  # models/talkformer/, folder_paths name
 MODEL_EXTENSIONS = {".safetensors"}  # safetensors only: nothing is unpickled
 PREVIEW_MAX = 512  # longest side of a progress preview (ComfyUI's --preview-size default)
 # Custom types that flow between our nodes (names shown on the sockets).
@@ -143,7 +143,7 @@ def torch_device_and_dtype(dtype_name: str = "auto"):
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if dtype_name in named:
         return device, named[dtype_name]
-    if device.type == "cuda":  # DESIGN.md §5: bf16/fp16 on GPU, fp32 on CPU
+    if device.type == "cuda":  # bf16/fp16 on GPU, fp32 on CPU
         return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return device, torch.float32
 
@@ -194,17 +194,6 @@ def uint8_to_image(frames: Any):
         a = a[None]
     t = torch.from_numpy(a).to(torch.float32).div_(255.0)
     return t.to(intermediate_device())
-
-
-def audio_to_16k(audio: Any):
-    """ComfyUI AUDIO {"waveform": [B, C, T], "sample_rate"} -> float32 (n,) 16 kHz mono numpy."""
-    from talkformer_core.audio import to_16k_mono
-    from talkformer_core.errors import AudioError
-
-    if not isinstance(audio, dict) or "waveform" not in audio or "sample_rate" not in audio:
-        raise AudioError(f"audio: expected ComfyUI AUDIO {{'waveform': [B, C, T], 'sample_rate': int}}, "
-                         f"got {type(audio).__name__}")
-    return to_16k_mono(audio["waveform"], float(audio["sample_rate"]))
 
 
 def audio_seconds(audio: Any) -> float:

@@ -4,7 +4,7 @@ The model is wrapped in ComfyUI's ModelPatcher so that ComfyUI's memory manager 
 free it like its own models (comfy/clip_vision.py:66 does the same for a plain torch module); every
 node that runs it calls ``TalkFormerModel.load()`` first, which is ``load_models_gpu(...,
 force_full_load=True)``: our layers are plain torch layers, which ComfyUI's partial ("lowvram")
-loading would leave on the offload device (notes: comfyui.md §6).
+loading would leave on the offload device.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class TalkFormerModel:
 
 
 def _vae_state_dict(vae: Any):
-    """ComfyUI's VAE object (comfy.sd.VAE) -> its LDM-layout state dict (comfyui.md §5)."""
+    """ComfyUI's VAE object (comfy.sd.VAE) -> its LDM-layout state dict."""
     fsm = getattr(vae, "first_stage_model", None)
     if fsm is not None and hasattr(fsm, "state_dict"):
         return fsm.state_dict()

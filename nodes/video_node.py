@@ -1,4 +1,4 @@
-"""TalkFormer Lip Sync (Video): a core VIDEO in, a lip-synced VIDEO out, in bounded memory (issue 10).
+"""TalkFormer Lip Sync (Video): a core VIDEO in, a lip-synced VIDEO out, in bounded memory.
 
 Why a one-node path: ComfyUI's own route into IMAGE nodes (LoadVideo -> GetVideoComponents)
 decodes every frame into one float32 tensor [T, H, W, 3] (a 60 s 1080p clip is ~37 GB) before any

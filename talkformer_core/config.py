@@ -62,7 +62,7 @@ class LandmarkConfig:
 
 @dataclass
 class UNetConfig:
-    """Denoising U-Net with TalkFormer blocks at scales 2..I (DESIGN.md §1)."""
+    """Denoising U-Net with TalkFormer blocks at scales 2..I (paper §III-C)."""
 
     model_channels: int = 224
     channel_mult: tuple[int, ...] = (1, 2, 3, 4)  # I = len(channel_mult) scales
@@ -82,7 +82,7 @@ class UNetConfig:
     # the latent grid, 3 channels, added to conv_in's output through their own 3x3 conv. A spatially
     # aligned input a conv reads directly: with M-Align alone, a U-Net trained on one clip on a CPU
     # placed the mouth where the upper face implied and moved it by 0 % of a landmark shift
-    # (docs/finetune_results.md, round 4).
+    # (docs/finetune_results.md, "Held-out head turns").
     landmark_map: bool = False
 
 
@@ -112,8 +112,8 @@ class ModelConfig:
     # template frame's detected lips' mean x (box frame). Our addition, on in the CPU person presets,
     # off in the paper's: a landmark module trained on one clip places the mouth where the training
     # frames had it (20 px @256 off on held-out frames with the head turned, docs/finetune_results.md
-    # round 4). Where the mouth sits sideways is pose, which the template frame shows; what the audio
-    # decides (opening, shape) is kept.
+    # "Held-out head turns"). Where the mouth sits sideways is pose, which the template frame shows;
+    # what the audio decides (opening, shape) is kept.
     anchor_mouth_x: bool = False
     # The box frame of stage 1 (pose input, references, target, and the map of its output back to
     # the crop): "per_frame" is IP-LAP's box over all 131 points, which grows with the template's
@@ -145,7 +145,7 @@ class TrainConfig:
     # cells in [-shift_augment, shift_augment] (z, context and landmarks together; the filled-in
     # border columns carry no loss). 0 = off (the paper's presets: a large dataset has every head
     # position). Our addition for one-clip training, where the held-out frames' heads sit where no
-    # training frame's did (docs/finetune_results.md, round 4).
+    # training frame's did (docs/finetune_results.md, "Held-out head turns").
     shift_augment: int = 0
     # Person presets on a GPU (finetune): bf16 autocast when training on CUDA (ignored on a CPU,
     # where the CPU presets keep fp32), the autoencoder stage's batch, and the autoencoder's share of
@@ -273,7 +273,8 @@ def person_config(crop_size: int = 64, *, full_landmarks: bool = False, vae: boo
     # (0.002 grey levels apart for a closed and a wide-open mouth); with them it follows the
     # landmarks (docs/finetune_results.md).
     # landmark_map: the same landmarks drawn on the latent grid (UNetConfig); with M-Align alone the
-    # U-Net placed the mouth from the upper face and ignored a landmark shift (round 4 of the results)
+    # U-Net placed the mouth from the upper face and ignored a landmark shift
+    # (docs/finetune_results.md, "Held-out head turns")
     unet = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, head_channels=32, landmark_dim=64,
                       position_features=True, landmark_map=True)
     return TalkFormerConfig(
@@ -286,7 +287,7 @@ def person_config(crop_size: int = 64, *, full_landmarks: bool = False, vae: boo
         # EMA 0.995 (a ~200-step horizon: a 0.999 average would still hold the first, poor steps of a
         # ~1500-step run); finetune trains stage 2 with it and the checkpoint's EMA weights are used
         # shift_augment 2: +-8 px at 64 px sideways, the head movement between a clip's first 80 % and
-        # its last 20 % (measured: docs/finetune_results.md, round 4)
+        # its last 20 % (measured: docs/finetune_results.md, "Held-out head turns")
         train=TrainConfig(lr=1e-3, batch_size=4, autoencoder_lr=1e-3, ema_decay=0.995, end_to_end=False,
                           shift_augment=2),
     )

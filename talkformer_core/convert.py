@@ -8,7 +8,7 @@ train_video_renderer.py:170-181); inference reads only ``state_dict``, removes `
 that start with it and loads strictly (inference_single.py:167-176). Here:
 
 - files are read with ``torch.load(weights_only=True, map_location="cpu")`` only, never a full
-  unpickle (DESIGN.md §4); a file it refuses, or one that is not an IP-LAP checkpoint, is a
+  unpickle; a file it refuses, or one that is not an IP-LAP checkpoint, is a
   ``CheckpointError`` naming the file and what was expected;
 - a dict with ``state_dict`` (training format) or a bare state dict is accepted; only a LEADING
   ``module.`` is stripped (the renderer has ``flow_module.*`` keys); ``perceptual.*`` (the VGG19 of

@@ -77,8 +77,6 @@ class DetectReport:
 
 def read_tags(path: str | Path) -> dict[str, str]:
     """The container's metadata tags (e.g. {'comment': ...})."""
-    import av
-
     from .video import _check_file, _open
 
     p = _check_file(path)

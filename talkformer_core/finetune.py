@@ -1,4 +1,4 @@
-"""Person-specific lip-sync from the user's own video (issue 11): one command over data/ and train/.
+"""Person-specific lip-sync from the user's own video: one command over data/ and train/.
 
     python -m talkformer_core.finetune --video V.mp4 --out person.safetensors \
         [--budget-minutes 30] [--vae SD_VAE.safetensors] [--init-landmarks IPLAP.safetensors] \
@@ -9,7 +9,7 @@ What it does (no second training loop: ``data.preprocess`` and ``train.train`` d
   2. stage ``autoencoder`` on the clip's frames, only when no ``--vae`` is given;
   3. stage ``talkformer`` with the joint loss (eq. 6), the autoencoder frozen;
   4. copy the result to ``--out``: a checkpoint ``sync``, the loader node and ``pipeline.load_model``
-     take like any other (with ``--vae`` it names that VAE by hash, DESIGN.md §4).
+     take like any other (with ``--vae`` it names that VAE by hash).
 The time budget is the main knob: preprocessing is paid first, then the autoencoder gets
 the preset's ``autoencoder_share`` (0.3) of what is left and TalkFormer the rest (less a reserve for
 the hold-out report). ``--preset auto`` (the default) is cpu64 on a CPU and gpu256 on CUDA; on CUDA the
@@ -21,7 +21,7 @@ with a generous budget the two make a run step-driven, the same on any machine (
 budget from there (train's bit-exact resume), with the budget's unspent part.
 
 Hold-out (``--holdout F``): train on the first 1 - F of the frames, and score the last F with the
-clip's own audio (``holdout_report``, issue 11 item 3), on the lower half of the face crop with
+clip's own audio (``holdout_report``, docs/finetune.md), on the lower half of the face crop with
 ``talkformer_core.eval``:
   ours (test-frame landmarks)  the renderer driven by the landmarks detected on the test frames;
   ours (audio-driven)          landmarks completed from the audio (stage 1), then the renderer;
@@ -38,7 +38,6 @@ no face in a 64 px crop), LMD in pixels of a 256 crop as eval reports it.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -208,7 +207,6 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
     from .data.preprocess import options_for, process_clip, Rejected, save_shard, shard_name
     from .train import train
 
-    t_all = time.time()
     video, out = Path(video), Path(out)
     validate_inputs(video, out, budget_minutes=budget_minutes, holdout=holdout, vae=vae,
                     init_landmarks=init_landmarks, steps=steps, preset=preset, ae_steps=ae_steps, dubbing=dubbing)
@@ -368,7 +366,7 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
     say(f"[finetune] wrote {out} ({result.steps['talkformer']} TalkFormer steps, "
         f"{sum(spent.values()):.1f} min so far)")
 
-    # 4. the hold-out report (item 3)
+    # 4. the hold-out report
     if holdout > 0:
         t0 = time.time()
         result.report = holdout_report(out, shard, holdout, device=device, vae=vae, sampler=sampler,
@@ -588,7 +586,7 @@ def score(gen: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
 def holdout_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, holdout: float, *,
                    device: str | None = None, vae: str | os.PathLike | None = None, sampler: str = "ddim",
                    steps: int = 25, seed: int = 0, noise_scale: float = 1.0) -> dict[str, Any]:
-    """Item 3 of issue 11 on one clip: {method: metrics} for METHODS, plus the verdicts."""
+    """The hold-out report on one clip: {method: metrics} for METHODS, plus the verdicts."""
     from .pipeline import load_model
 
     h = load_holdout(shard, holdout)
@@ -773,7 +771,7 @@ def _better(metric: str, a: float | None, b: float | None) -> bool:
 
 
 def verdicts(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Item 3's conditions: test-frame landmarks beat the better baseline on PSNR, SSIM, LMD;
+    """The hold-out bar: test-frame landmarks beat the better baseline on PSNR, SSIM, LMD;
     audio-driven beats both baselines on mouth correlation and LMD."""
     base = ("copy_reference", "mean_mouth")
     v = {f"landmarks_{m}": all(_better(m, rows["ours_landmarks"][m], rows[b][m]) for b in base)

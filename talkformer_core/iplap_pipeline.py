@@ -1,4 +1,4 @@
-"""The IP-LAP renderer path: lip-sync with IP-LAP's published weights (issue 9, item 4).
+"""The IP-LAP renderer path: lip-sync with IP-LAP's published weights (docs/iplap.md).
 
 A checkpoint of kind "iplap" (``python -m talkformer_core.convert iplap``) holds IP-LAP's landmark
 generator (= our landmark completion, ``models.landmark_completion``) and its video renderer

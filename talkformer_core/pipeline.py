@@ -10,7 +10,7 @@ batches); ``lipsync`` strings them together over a video file in bounded memory:
     choose_reference_frame   the most open and most frontal mouth (the R-Align reference image)
     reference_landmark_sets  N full-face landmark sets spread over lip openness (IP-LAP ranks)
     complete_landmarks       stage 1 (paper §III-B) over windows of L frames -> (T, 131, 2) box frame
-    encode_reference         z_r = E(reference crop) -> the step-invariant R-Align cache (§5)
+    encode_reference         z_r = E(reference crop) -> the step-invariant R-Align cache
     sample_faces             stage 2 (paper §III-C): masked crop -> E -> known upper half; the lower
                              half denoised with the landmark and reference caches; decode
     blend_faces              paste the generated lower face back (face.blend, Gaussian-feathered)
@@ -18,7 +18,7 @@ batches); ``lipsync`` strings them together over a video file in bounded memory:
 
 ``lipsync`` pass 1 streams the template once at 25 fps through the face tracker (memory: the
 landmarks, O(T * 478 * 2) floats, never the frames). The output length comes from the audio
-(``length_mode``: pingpong (default; DESIGN.md §2), loop or trim: ``video.match_length_indices``).
+(``length_mode``: pingpong (default, as IP-LAP), loop or trim: ``video.match_length_indices``).
 Pass 2 walks the output in chunks: each chunk is a piece of one monotone run of template indices
 (ping-pong runs forward then backward), read with ``iter_frames(start, max_frames)`` (which seeks)
 and reversed when the run descends; crop, sample, decode, blend, watermark, write. At most
@@ -166,7 +166,7 @@ def _load_talkformer(path: Path, meta: dict[str, str], device: torch.device, dty
 
 def _load_iplap(path: Path, meta: dict[str, str], device: torch.device, dtype: torch.dtype,
                 vae: str | os.PathLike | None, use_ema: bool) -> LoadedModel:
-    from .iplap_pipeline import load_iplap_model  # IP-LAP's public weights (convert.py), issue 9
+    from .iplap_pipeline import load_iplap_model  # IP-LAP's public weights (convert.py)
 
     return load_iplap_model(path, meta, device, dtype, vae, use_ema)
 
@@ -367,7 +367,7 @@ SHORT_AUDIO_SECONDS = 0.5  # shorter (but >= the minimum) works, with a warning 
 
 def audio_features(audio: str | os.PathLike | np.ndarray | tuple[Any, int], fps: float = FPS,
                    num_frames: int | None = None) -> AudioFeatures:
-    """Audio -> per-video-frame mel windows (DESIGN.md §2).
+    """Audio -> per-video-frame mel windows (IP-LAP's, ``audio.mel``).
 
     ``audio``: a file path (any audio file, or a video's audio track), a (waveform, sample_rate)
     pair (shapes as ``audio.to_16k_mono``), or a 16 kHz mono float array. T defaults to
@@ -509,7 +509,7 @@ def landmarks_to_crop(analysis: FaceAnalysis, landmarks_box: np.ndarray,
 @torch.no_grad()
 def encode_reference(model: LoadedModel, crop: np.ndarray) -> Any:
     """The reference face crop (S, S, 3) uint8 (whole face, unmasked) -> the U-Net's ReferenceCache:
-    z_r = E(crop), its appearance features and every R-Align block's K/V (once per video, §5)."""
+    z_r = E(crop), its appearance features and every R-Align block's K/V (once per video)."""
     S = model.crop_size
     if crop.shape != (S, S, 3):
         raise InputError(f"reference crop: expected ({S}, {S}, 3) uint8, got {crop.shape}")
@@ -552,7 +552,7 @@ def sample_faces(model: LoadedModel, crops: np.ndarray, landmarks_crop: np.ndarr
     landmarks_crop (B, 131, 2) target landmarks in the crop frame, reference: ``encode_reference``'s
     cache -> (B, S, S, 3) uint8 generated crops (upper half: the autoencoder's reconstruction).
 
-    The upper latent half is E(masked crop)[:h/2], fixed by the sampler at every step (DESIGN.md §1).
+    The upper latent half is E(masked crop)[:h/2], fixed by the sampler at every step (the U-Net contract).
     ``noise`` (1, C, h, w): the shared x_T (default: drawn from ``seed``; every frame gets the same,
     so identical inputs give identical faces). ``callback(step, num_steps)`` runs after every
     sampler step; raise from it to stop. ``batch_size`` splits B (default: all at once). With
@@ -807,7 +807,7 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
     if frame_renderer is not None:
         frame_renderer.check(model)  # e.g. an IP-LAP file converted without its renderer
     S = model.crop_size
-    mask = lower_face_mask(S, opt.feather)  # checks the feather width
+    lower_face_mask(S, opt.feather)  # checks the feather width
     marker = Watermarker() if opt.watermark else None
     if marker is not None:
         marker.load()  # onnxruntime missing -> a clear error now, not after the sampling

@@ -251,8 +251,8 @@ def sample_latents(model: "LoadedModel", crops: np.ndarray, landmarks_crop: np.n
 
     The returned latents are what ``decode_latents`` decodes: the generated lower half under the
     upper half of E(crop), the template crop itself. The sampler's fixed upper half is
-    E(masked crop)[:h/2] (DESIGN.md §1), but that is no latent the decoder ever saw with a face
-    below it: its rows near the middle carry the black mask, and the decoder's receptive field
+    E(masked crop)[:h/2] (docs/architecture.md), but that is no latent the decoder ever saw with a
+    face below it: its rows near the middle carry the black mask, and the decoder's receptive field
     spreads it into the mouth (measured on real clips: decoding E(masked)[:h/2] over E(crop)[h/2:]
     loses 3.0 dB lower-face PSNR and 1.2 px LMD against decoding E(crop); docs/finetune.md).
     E(crop)[:h/2] over a perfect lower half is exactly E(crop), the autoencoder's own reconstruction.

@@ -1,6 +1,6 @@
 """Lip-sync CLI: ``python -m talkformer_core.sync --video V --audio A --checkpoint C --out O.mp4``.
 
-A thin shell over ``pipeline.lipsync``. Every bad input of DESIGN.md §4 is reported before the long
+A thin shell over ``pipeline.lipsync``. Every bad input of docs/bad_inputs.md is reported before the long
 work starts, as one line on stderr naming the file and what was expected, with exit status 2 (no
 traceback): a missing / corrupt / truncated video or image, audio that is missing, unreadable, has
 no audio stream or is zero-length, a checkpoint of the wrong format / kind / shape, a missing or

@@ -1,4 +1,4 @@
-"""Audio front end: loading any file/rate/channel count, the mel of DESIGN.md §2, the windows."""
+"""Audio front end: loading any file/rate/channel count, IP-LAP's mel, the windows."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -3,9 +3,7 @@ refusal, external-VAE hashing, and bit-exact training resume."""
 from __future__ import annotations
 
 import json
-import os
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from pipeline_helpers import save_tiny_checkpoint, synthetic_clip, write_video, write_wav

@@ -1,5 +1,4 @@
 """The README's main job: the demo runs offline end to end and writes what it says."""
-from pathlib import Path
 
 import pytest
 

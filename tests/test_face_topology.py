@@ -43,7 +43,7 @@ def test_sketch_edges():
     assert sizes == {"lips": 40, "left_eye": 16, "right_eye": 16, "left_eyebrow": 8,
                      "right_eyebrow": 8, "face_oval": 24, "nose": 13}
     assert len(T.SKETCH_EDGES) == 125 == len(set(T.SKETCH_EDGES))
-    # the 131 points are exactly the union of the edges' end points (DESIGN.md §2)
+    # the 131 points are exactly the union of the edges' end points (IP-LAP's sketch)
     assert {i for e in T.SKETCH_EDGES for i in e} == set(T.FULL_131)
     assert all(T.FULL_131[a] == e[0] and T.FULL_131[b] == e[1] for (a, b), e in zip(T.SKETCH_EDGES_131, T.SKETCH_EDGES))
 

@@ -1,5 +1,6 @@
-"""Person-specific fine-tuning (issue 11): CLI validation, a tiny end-to-end run with interrupt and
-resume on a synthetic clip, and (slow) the hold-out bar on a real clip of ../shared/media."""
+"""Person-specific fine-tuning: CLI validation, a tiny end-to-end run with interrupt and
+resume on a synthetic clip, and (slow) the hold-out bar on a real talking clip (../shared/media,
+skipped where absent)."""
 from __future__ import annotations
 
 import json
@@ -137,7 +138,7 @@ def test_real_clip_beats_copy_reference_with_test_frame_landmarks(tmp_path):
     landmarks beats copy-reference on held-out lower-face PSNR."""
     clip = MEDIA / "videoretalking_face_5.mp4"
     if not clip.exists():
-        pytest.skip(f"{clip} not found (../shared/media is not part of the repository)")
+        pytest.skip(f"{clip} not found (the real clips are not part of the repository)")
     from talkformer_core.finetune import finetune
 
     import torch

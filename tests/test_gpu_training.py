@@ -14,7 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_helpers import ae_file, shards, tiny_config, write_autoencoder, write_shards  # noqa: E402,F401  (fixtures)
+from train_helpers import tiny_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""The IP-LAP renderer path (issue 9 item 4): IP-LAP-layout networks with random weights, saved in
+"""The IP-LAP renderer path (docs/iplap.md): IP-LAP-layout networks with random weights, saved in
 IP-LAP's training format, converted, loaded by kind, run through pipeline.lipsync, the sync CLI and
 the Complete Landmarks node on a synthetic talking clip; the renderer's input builders checked
 against IP-LAP's conventions directly (inference_single.py, commit 9b9dc03).

@@ -65,7 +65,7 @@ def test_layout_equals_iplap_renderer_without_perceptual():
         assert str(sd[k].dtype) == f"torch.{dtype}", k
     assert count_parameters(net) == 18_963_235 == layout["n_params"]
     assert len(sd) == 252
-    if SHARED_LAYOUTS.is_file():  # the packaged copy is the shared reference minus perceptual.*
+    if SHARED_LAYOUTS.is_file():  # the packaged copy is IP-LAP's layout minus perceptual.*
         ref = json.loads(SHARED_LAYOUTS.read_text())["renderer"]
         want = [e for e in ref["state_dict"] if not e[0].startswith("perceptual.")]
         assert [list(e) for e in layout["state_dict"]] == [list(e) for e in want]

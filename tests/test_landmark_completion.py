@@ -1,6 +1,6 @@
 """Landmark completion = IP-LAP's Landmark_generator: layout, function, our conventions, gradients.
 
-Equivalence with IP-LAP's code (issue 9 item 6): the weight rule (every tensor of the state dict,
+Equivalence with IP-LAP's code: the weight rule (every tensor of the state dict,
 in state-dict order, from one ``torch.Generator().manual_seed(0)``; see ``fill_deterministic`` in
 tests/fixtures/iplap/make_fixture.py) and the fixed inputs are shared with the script that made
 tests/fixtures/iplap/landmark_generator.npz from IP-LAP's own code; our module must reproduce those
@@ -34,7 +34,7 @@ _spec.loader.exec_module(mf)
 
 
 def reference_layout() -> dict[str, tuple[int, ...]]:
-    """The shared reference JSON when present (the source of truth), else the packaged copy."""
+    """IP-LAP's layouts as extracted from its code where that copy is present, else the packaged copy."""
     if SHARED_LAYOUT.is_file():
         sd = json.loads(SHARED_LAYOUT.read_text())["landmark_generator"]["state_dict"]
         return {k: tuple(s) for k, s, _ in sd}
@@ -75,7 +75,7 @@ def test_state_dict_layout_equals_iplap(full):
     ref = reference_layout()
     assert list(sd) == list(ref)  # same keys, same order
     assert {k: tuple(v.shape) for k, v in sd.items()} == ref
-    assert iplap_layout() == ref  # the packaged copy agrees with the shared one
+    assert iplap_layout() == ref  # the packaged copy agrees with the one extracted from IP-LAP
     assert len(sd) == 435
     assert sum(p.numel() for p in full.parameters()) == 13_724_394
     assert all(p.requires_grad for p in full.parameters())

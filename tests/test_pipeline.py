@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline_helpers import (outside_mask, psnr, save_tiny_checkpoint, synthetic_clip, write_video,
                               write_wav)

@@ -2,7 +2,6 @@
 Temp-Att chains and their seams, streaming state, run counts, batch size from free memory."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""``python -m talkformer_core.sync``: every bad input of DESIGN.md §4 gets one clear line on stderr
+"""``python -m talkformer_core.sync``: every bad input of docs/bad_inputs.md gets one clear line on stderr
 (naming the file and what was expected), exit status 2, no traceback, before any long work."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training loop: end-to-end gradient (DESIGN.md §1), bit-identical resume, DDP = accumulation,
+"""Training loop: end-to-end gradient (eq. 6), bit-identical resume, DDP = accumulation,
 --init-landmarks, the autoencoder stage's scale factor."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_helpers import ae_file, shards, tiny_config, write_autoencoder, write_shards  # noqa: E402,F401  (fixtures)
+from train_helpers import tiny_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +93,7 @@ def test_resume_is_bit_identical(shards, ae_file, tmp_path):
 
 def test_ddp_two_processes_equal_gradient_accumulation(shards, ae_file, tmp_path):
     """torchrun, 2 CPU processes (gloo), dropout off: after 3 steps the parameters equal those of
-    one process accumulating over the same two half-batches (DESIGN.md §6); BatchNorm running
+    one process accumulating over the same two half-batches; BatchNorm running
     statistics are per process and not compared."""
     from talkformer_core.train import train
 

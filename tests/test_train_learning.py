@@ -1,4 +1,4 @@
-"""LEARNING TEST (issue 4 item 6): train on synthetic clips of one photo, drive with unseen audio.
+"""LEARNING TEST: train on synthetic clips of one photo, drive with unseen audio.
 
 Everything (data generation, autoencoder, TalkFormer, evaluation) runs here on CPU. Asserts:
   - the mouth opening measured on the generated frames (area of the dark mouth interior in the

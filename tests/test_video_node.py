@@ -89,7 +89,7 @@ def comfy(tmp_path_factory):
         comfy.options.enable_args_parsing(False)
         from comfy.cli_args import args
 
-        args.cpu = True  # before anything imports comfy.model_management (comfyui.md §3)
+        args.cpu = True  # before anything imports comfy.model_management, which reads it at import
         import comfy.utils
         import folder_paths
         from comfy_api.input_impl import VideoFromComponents, VideoFromFile

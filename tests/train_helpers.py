@@ -1,12 +1,8 @@
 """Shared by tests/test_dataset.py, test_train*.py: small synthetic shards with exact truth."""
 from __future__ import annotations
 
-import pytest
-
 import functools
 from pathlib import Path
-
-import numpy as np
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,15 +43,3 @@ def write_autoencoder(path: Path, cfg) -> Path:
     torch.manual_seed(123)
     ae = AutoencoderKL(cfg.model.autoencoder)
     return save_checkpoint(path, {"autoencoder": ae}, cfg)
-
-
-# Module-scoped fixtures shared by the training test modules (imported there): two synthetic clips'
-# shards at 32 px and a tiny autoencoder file.
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return write_shards(tmp_path_factory.mktemp("shards"), crop_size=32, seeds=(0, 1))
-
-
-@pytest.fixture(scope="module")
-def ae_file(tmp_path_factory):
-    return write_autoencoder(tmp_path_factory.mktemp("ae") / "ae.safetensors", tiny_config())

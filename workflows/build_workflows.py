@@ -11,7 +11,7 @@ of ComfyUI's /object_info: for core nodes the recorded tests/fixtures/comfy_obje
 0.3.64), for ours the pack's own classes, converted the way ComfyUI's server.py node_info does. So
 widget order, socket order and the API input names are the real ones, and the twins cannot drift.
 
-What the frontend (1.27) writes and we mirror (docs: notes/comfyui.md §7): every widget is also
+What the frontend (1.27) writes and we mirror: every widget is also
 listed in ``inputs`` (after the sockets) with ``"widget": {"name"}``; ``widgets_values`` holds the
 widget values in order plus frontend-only entries: the control_after_generate combo after a seed,
 LoadVideo/LoadImage's upload button ("image"), LoadAudio's audioUI (null) and upload (""). The API
@@ -229,7 +229,7 @@ For short clips you want to chain with other image nodes, use the stage-by-stage
 
 
 def _long_video_chain() -> tuple[list[N], list[tuple]]:
-    """LoadVideo + LoadAudio -> Load TalkFormer Model -> TalkFormer Lip Sync (Video) -> SaveVideo (issue 10)."""
+    """LoadVideo + LoadAudio -> Load TalkFormer Model -> TalkFormer Lip Sync (Video) -> SaveVideo."""
     nodes = [
         N(1, "LoadVideo", (0, 0), {"file": TEMPLATE_VIDEO}, title="Template video", size=(300, 380)),
         N(2, "LoadAudio", (0, 430), {"audio": DRIVING_AUDIO}, title="Driving audio", size=(300, 140)),
@@ -259,7 +259,7 @@ IPLAP_NOTE = """## Lip-sync with IP-LAP's published weights
 
 
 def _iplap_chain() -> tuple[list[N], list[tuple]]:
-    """The long-video chain on an IP-LAP checkpoint converted by talkformer_core.convert (issue 9)."""
+    """The long-video chain on an IP-LAP checkpoint converted by talkformer_core.convert (docs/iplap.md)."""
     nodes, links = _long_video_chain()
     nodes[2].widgets["ckpt_name"] = IPLAP_CHECKPOINT
     nodes[2].title = "Load TalkFormer Model (IP-LAP weights)"
@@ -281,7 +281,7 @@ landmark module. `max_steps` > 0 caps training by steps instead of time."""
 
 
 def _finetune_chain() -> tuple[list[N], list[tuple]]:
-    """LoadVideo -> Train TalkFormer on Video -> TalkFormer Lip Sync (Video) (+ new audio) -> SaveVideo (issue 11)."""
+    """LoadVideo -> Train TalkFormer on Video -> TalkFormer Lip Sync (Video) (+ new audio) -> SaveVideo."""
     nodes = [
         N(1, "LoadVideo", (0, 0), {"file": TEMPLATE_VIDEO}, title="Person video", size=(300, 380)),
         N(2, "LoadAudio", (0, 430), {"audio": DRIVING_AUDIO}, title="New speech", size=(300, 140)),

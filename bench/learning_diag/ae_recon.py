@@ -1,6 +1,5 @@
 import sys, time, numpy as np, torch
 sys.path.insert(0,'/work/main'); sys.path.insert(0,'/work/main/tests')
-from pathlib import Path
 from test_train_learning import learning_config, mouth_area, psnr
 from talkformer_core.train import train
 from talkformer_core.face import topology

@@ -1,4 +1,4 @@
-import sys, time, numpy as np, torch, copy
+import sys, time, numpy as np, torch
 sys.path.insert(0,'/work/main'); sys.path.insert(0,'/work/main/tests')
 from test_train_learning import learning_config, mouth_area, psnr
 from talkformer_core.face import topology

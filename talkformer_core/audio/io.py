@@ -1,7 +1,7 @@
 """Audio loading: any file soundfile or PyAV reads -> 16 kHz mono float32.
 
-IP-LAP loads with ``librosa.core.load(path, sr=16000)`` (mono, kaiser_best resampler; see
-``../shared/reference/README.md`` "Mel front end"). We read with soundfile (wav/flac/ogg/...) or
+IP-LAP loads with ``librosa.core.load(path, sr=16000)`` (mono, kaiser_best resampler, in
+its ``models/audio.py``). We read with soundfile (wav/flac/ogg/...) or
 PyAV (mp3, m4a/aac, the audio track of mp4/mkv/webm, anything ffmpeg decodes), average the
 channels and resample with soxr's very-high-quality polyphase resampler (scipy's
 ``resample_poly`` where soxr is missing). The two resamplers differ from kaiser_best by well under
@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import AudioError
 
-SAMPLE_RATE = 16000  # Hz, the model's audio rate (DESIGN.md §2)
+SAMPLE_RATE = 16000  # Hz, the model's audio rate (IP-LAP's)
 
 # Formats libsndfile reads natively; anything else (and anything soundfile refuses) goes to PyAV.
 _SOUNDFILE_SUFFIXES = {".wav", ".wave", ".flac", ".ogg", ".oga", ".aif", ".aiff", ".aifc", ".au", ".w64", ".caf"}

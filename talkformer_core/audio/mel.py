@@ -1,7 +1,6 @@
 """Mel spectrogram and per-video-frame mel windows, exactly as IP-LAP's ``models/audio.py``.
 
-Parameters (DESIGN.md §2; ``../shared/reference/README.md`` "Mel front end", IP-LAP
-``models/audio.py:36-38, 57-66, 106-109, 137, 188-216``):
+Parameters (IP-LAP ``models/audio.py:36-38, 57-66, 106-109, 137, 188-216``):
 pre-emphasis [1, -0.97] -> STFT (n_fft 800, hop 200, win 800, periodic Hann, center=True with zero
 padding: librosa 0.9.2's defaults) -> magnitude -> Slaney mel basis (80 mels, 55..7600 Hz, Slaney
 area norm) -> 20 * log10(max(1e-5, x)) - 20 -> clip(8 * (S + 100) / 100 - 4, -4, 4).
@@ -116,7 +115,7 @@ def mel_windows(mel: np.ndarray, num_frames: int, fps: float = 25.0) -> np.ndarr
     """Per-video-frame windows. mel (80, M) -> (num_frames, 80, 16) float32.
 
     Mel frames before the start or past the end read as SILENCE (-4), so every video frame has a
-    window (IP-LAP clamps the first two frames to the first window instead; DESIGN.md §2 allows both).
+    window (IP-LAP clamps the first two frames to the first window instead; only those two differ).
     """
     mel = np.asarray(mel, dtype=np.float32)
     if mel.ndim != 2:

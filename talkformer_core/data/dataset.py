@@ -1,4 +1,4 @@
-"""Training dataset over preprocessed shards (issue 4 item 2; paper §III-D, IP-LAP's sampling).
+"""Training dataset over preprocessed shards (paper §III-D, IP-LAP's sampling).
 
 ``TalkingFaceDataset(shard_dir, cfg)`` indexes every window of L successive frames whose frames
 all have a face (``found``); windows are restricted to a part of each clip with

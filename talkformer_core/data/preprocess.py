@@ -1,4 +1,4 @@
-"""Preprocessing CLI: videos -> one training shard (.npz) per clip (issue 4 item 1).
+"""Preprocessing CLI: videos -> one training shard (.npz) per clip.
 
     python -m talkformer_core.data.preprocess --inputs DIR_OR_FILES... --out SHARD_DIR --preset small \
         [--crop-size N] [--shard i/N] [--workers K]

@@ -1,4 +1,4 @@
-"""Synthetic talking data with exact truth (issue 4 item 5).
+"""Synthetic talking data with exact truth.
 
 From any real face photo, a clip whose audio is a sequence of synthesised vowels, nasals and
 silences (a numpy source-filter synthesiser: a glottal pulse train through formant resonators) and

@@ -1,4 +1,4 @@
-"""L_ldm, the paper's eq. 1, under the U-Net contract of DESIGN.md §1.
+"""L_ldm, the paper's eq. 1, under the U-Net contract of docs/architecture.md.
 
     L_ldm = E_{z_0, eps, t} || eps - eps_theta(z_t, t, ...) ||^2   over the LOWER half of the latent
 
@@ -6,8 +6,8 @@ z_0 = E(ground-truth face) (B, C, h, w); the context c = E(masked face). The net
 c's upper half (rows [:h//2], clean, un-noised: the known context) stacked on the forward-noised
 lower half of z_0 (rows [h//2:]). The loss is the mean over the lower half's elements only: the
 upper half has no target. Why the context comes from E(masked face) and not E(ground truth) in
-training too: see DESIGN.md §1 (the ground truth's upper rows leak mouth information through the
-encoder's receptive field).
+training too: the ground truth's upper rows leak mouth information through the encoder's receptive
+field, which the model would learn to read and not find at inference.
 
 The model is any callable ``model_fn(z_t (B, C, h, w), t (B,) long) -> eps (B, C, h, w)``;
 landmarks, references and caches are closed over by the caller.

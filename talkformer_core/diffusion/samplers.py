@@ -12,7 +12,7 @@
   is set EXACTLY (``torch.where``, bit-identical) to ``known`` in the start state, after every step
   and in the output. For TalkFormer, known = E(masked face), known_mask = upper half. The known
   region is NOT re-noised to the current noise level (as RePaint would): the U-Net was trained with
-  a clean upper half at every t (DESIGN.md §1, losses.ldm_loss), so a clean upper half is the only
+  a clean upper half at every t (losses.ldm_loss), so a clean upper half is the only
   input it knows. The known region of eps / x0 is never used for the unknown region, since every
   update below is elementwise.
 - ``eta``: stochasticity. ddim: DDIM's eta (0 deterministic, 1 = DDPM ancestral); dpmpp_2m: 0 is

@@ -3,7 +3,7 @@
 Not ArcFace (the paper's CSIM network is not public in a form we can ship); labelled
 "CSIM (dlib ResNet)" wherever shown. Uses packages ``dlib-bin`` and ``face_recognition_models``
 (data files, offline). The latter's ``__init__`` imports pkg_resources, so its ``models/`` folder
-is located with importlib without importing it (DESIGN.md §4).
+is located with importlib without importing it.
 Per frame: the face rectangle (given by the caller, the same for both images) -> dlib's 5-point
 shape predictor -> aligned 150x150 chip -> ResNet descriptor, as face_recognition does.
 """

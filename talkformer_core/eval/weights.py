@@ -1,7 +1,7 @@
 """Reading users' metric-network weight files (LPIPS, FID Inception, SyncNet) safely.
 
 Pickle files (.pth, .pt, .model) are read only with ``torch.load(weights_only=True,
-map_location="cpu")`` (DESIGN.md §4); a file it refuses gets a CheckpointError naming it.
+map_location="cpu")`` (never a full unpickle); a file it refuses gets a CheckpointError naming it.
 ``.safetensors`` files are read with safetensors. Nothing is ever downloaded.
 """
 from __future__ import annotations

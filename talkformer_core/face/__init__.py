@@ -64,7 +64,9 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_NAME_TO_MODULE) | set(_LAZY))
 
 
-__all__ = [n for n in globals() if n.isupper() or n in ("topology",)] + [
+__all__ = [
+    "topology", "CONTENT_POS", "FULL_131", "JAW_17", "JAW_POS", "LIP_POS", "LIPS_40", "NETWORK_ORDER", "POSE_74",
+    "POSE_POS", "SKETCH_EDGES", "SKETCH_EDGE_GROUPS",
     "box_to_crop", "crop_to_box", "denormalize", "landmark_box", "lip_openness", "merge", "normalize",
     "pick_spread", "select_131", "split",
 ] + list(_NAME_TO_MODULE)

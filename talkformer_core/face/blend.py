@@ -1,6 +1,6 @@
 """Paste a generated face crop back into its frame through a feathered lower-face mask.
 
-DESIGN.md §1 step 4 / §2: "Gaussian-blurred face mask as alpha". IP-LAP blurs a 68-point contour
+The alpha is a Gaussian-blurred face mask, as in IP-LAP, which blurs a 68-point contour
 mask (21x21, sigma 11; inference_single.py:126-156); our generated region is the lower half of the
 square crop (the latent rows [h // 2:]), so the mask is that half, feathered on every side and
 exactly zero on the crop's border and on its upper half, so the pasted region has no seam.
@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from ..errors import InputError
-from .track import FaceTrack, crop_frame, crop_transform
+from .track import FaceTrack, crop_transform
 
 
 def default_feather(size: int) -> int:
@@ -112,8 +112,3 @@ def paste_back_tracked(
     if not bool(track.found[t]):
         return frame.copy()
     return paste_back(frame, crop, track.boxes[t], mask=mask, feather=feather)
-
-
-def roundtrip(frame: np.ndarray, box: Any, size: int, feather: int | None = None) -> np.ndarray:
-    """Crop then paste the unchanged crop back (the identity check of issue 2)."""
-    return paste_back(frame, crop_frame(frame, box, size), box, feather=feather)

@@ -1,7 +1,7 @@
 """Mediapipe FaceMesh landmarks (478 points, ``refine_landmarks=True``) over frames and images.
 
 Video runs FaceMesh in tracking mode (``static_image_mode=False``: detection once, then the mesh
-follows the face), with room for several faces; which face is kept is an input (DESIGN.md §4).
+follows the face), with room for several faces; which face is kept is an input (``face_index``).
 IP-LAP ran FaceMesh per image (inference_single.py:254-255); its weights do not depend on that.
 mediapipe is imported only when a detector is opened, so importing this module is cheap.
 """

@@ -5,7 +5,7 @@ function works on numpy arrays and torch tensors alike through plain arithmetic 
 so torch inputs stay differentiable.
 
 Index lists are mediapipe FaceMesh (``refine_landmarks=True``, 478 points) vertex ids, copied
-once from ``../shared/reference/iplap_layouts.json`` (IP-LAP commit 9b9dc03). The paper says
+once from IP-LAP's code (Weizhi-Zhong/IP_LAP commit 9b9dc03). The paper says
 41 lip / 16 jaw points but publishes no lists; we use IP-LAP's 40 / 17 (same 57 and 131 totals).
 
 Coordinate frames (docs/architecture.md):
@@ -289,7 +289,7 @@ def box_to_crop(points_box01: Any, box: Any, crop_box: Any) -> Any:
     """Box frame (completion module, IP-LAP) -> crop frame (M-Align); an affine map per frame.
 
     points (..., K, 2); box (x1, y1, x2, y2) or (..., 4); crop_box (x0, y0, size) or (..., 3).
-    Plain arithmetic, so a torch input keeps its gradient (the end-to-end path of DESIGN.md §1).
+    Plain arithmetic, so a torch input keeps its gradient (the end-to-end gradient of eq. 6).
     """
     return px_to_crop(denormalize(points_box01, box), crop_box)
 

@@ -3,11 +3,11 @@
 Box per frame (pixels of the full frame), (x0, y0, size), square, from the 74 *pose* points
 (upper face oval, brows, nose, eyes), never from the jaw or lips: a box that followed the jaw
 would zoom and shift with the template's speech, and in training its position would tell the
-model how open the ground-truth mouth is (the leak DESIGN.md §1 guards the upper half against).
+model how open the ground-truth mouth is (the leak the U-Net's masked upper half guards against).
   - L = max(w, 1.6 h) of the pose points' bbox (``face_scale``: stable under yaw and pitch);
   - centre x = the pose bbox's centre; centre y = the pose bbox's centre + center_y * L
     (center_y = 0.2), so the mouth and jaw fall in the crop's lower half (generated) and the eyes
-    in its upper half (known context). Measured on the three shared clips with the defaults:
+    in its upper half (known context). Measured on the three real clips with the defaults:
     lip points at y >= 0.52 of the crop, chin <= 0.94, eyes <= 0.39;
   - size = scale * L, scale 1.6 (the face is about 0.6 of the crop wide).
 Smoothing, so that a still head gives a still crop:

@@ -1,14 +1,14 @@
 """Appearance encoder (paper §III-C-2): features of the clean reference latent z_r at every U-Net scale.
 
 An encoder-only U-Net of residual blocks, no self-attention and NO timestep input (z_r is clean,
-so its features do not depend on the diffusion step and are computed once per reference, §5).
+so its features do not depend on the diffusion step and are computed once per reference).
 Channel widths are the U-Net encoder's, so feats[i] has the U-Net hidden's shape at scale i+1:
 
     z_r (B, C, h, w) -> conv_in -> per scale i = 1..I: num_res_blocks x ResBlock -> feats[i-1]
     (the last ResBlock's output, (B, mult_i * mc, h / 2^(i-1), w / 2^(i-1))), then Downsample
 
 The same feature serves the encoder and the decoder TalkFormer blocks of a scale; the middle
-block uses the deepest (DESIGN.md §1).
+block uses the deepest (docs/architecture.md).
 
 complete_reference_encoder=True ("+ CompleteRef", Table III): a full U-Net-shaped reference
 network, encoder + middle (ResBlock, ResBlock) + decoder residual path with skips, still

@@ -1,6 +1,6 @@
 """Safetensors checkpoints: one file for a whole TalkFormer model, config in the metadata.
 
-DESIGN.md §4: checkpoints are safetensors only; nothing is unpickled. A file holds every module of a
+Checkpoints are safetensors only; nothing is unpickled. A file holds every module of a
 model under a prefix (``autoencoder.``, ``landmark.``, ``appearance.``, ``unet.``, optionally an
 ``ema.`` copy) and these metadata strings:
 
@@ -110,7 +110,7 @@ def load_safetensors(path: str | os.PathLike, keys: list[str] | None = None,
 def state_dict_sha256(sd: Mapping[str, torch.Tensor]) -> str:
     """Deterministic SHA-256 of a state dict: sorted keys, each with dtype, shape and raw bytes.
 
-    Names an external VAE in a checkpoint (DESIGN.md §4). Independent of device and of key order;
+    Names an external VAE (a user's SD VAE) in a checkpoint. Independent of device and of key order;
     depends on dtype (an fp16 copy of a VAE is a different file).
     """
     h = hashlib.sha256()
@@ -373,7 +373,7 @@ def external_vae_record(meta: Mapping[str, str]) -> dict[str, Any] | None:
 
 def resolve_external_vae(meta: Mapping[str, str], vae_path: str | os.PathLike | Mapping[str, torch.Tensor] | None, *,
                          checkpoint_path: str | os.PathLike | None = None) -> ExternalVAE | None:
-    """Check a user-given VAE against the checkpoint's record of it (DESIGN.md §4).
+    """Check a user-given VAE against the checkpoint's record of it.
 
     Returns None for a checkpoint that embeds its autoencoder (a given ``vae_path`` is then
     ignored with a warning), else the verified VAE. ``vae_path`` may also be the VAE's state dict

@@ -341,7 +341,7 @@ class LandmarkCompletion(LandmarkGenerator):
 
 def iplap_layout() -> dict[str, tuple[int, ...]]:
     """Key -> shape of IP-LAP's Landmark_generator(T=5, 512, 4, 4, 1024, 0.1) state dict, in order
-    (package data ``iplap_layouts/landmark_generator.json``, from ../shared/reference)."""
+    (package data ``iplap_layouts/landmark_generator.json``, from IP-LAP's code)."""
     return {k: tuple(s) for k, s, _ in _layout_json()["state_dict"]}
 
 

@@ -29,7 +29,7 @@ class TalkFormer(nn.Module):
         self.config = cfg
         m = cfg.model
         self.autoencoder = AutoencoderKL(m.autoencoder)
-        self.autoencoder.requires_grad_(False)  # frozen first stage (DESIGN.md §1); its own stage trains it
+        self.autoencoder.requires_grad_(False)  # frozen first stage (docs/architecture.md); its own stage trains it
         self.landmark = LandmarkCompletion(m.landmark)
         self.appearance = AppearanceEncoder(m) if (m.r_align or m.temporal_attention) else None
         self.unet = TalkFormerUNet(m, appearance=self.appearance)

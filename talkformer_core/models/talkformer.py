@@ -1,15 +1,15 @@
 """TalkFormer blocks (paper §III-C-1/-3): M-Align (eq. 3), R-Align (eq. 4-5), Temp-Att.
 
 A TalkFormerBlock = M-Align -> R-Align -> optional Temp-Att. It sits after each residual block at
-U-Net scales 2..I, where latent-diffusion has its attention blocks (DESIGN.md §1).
+U-Net scales 2..I, where latent-diffusion has its attention blocks (docs/architecture.md).
 
 Every sub-layer ends in a ZERO-initialised projection added residually, so at initialisation the
 block is the identity and the U-Net output does not depend on landmarks, reference or motion frames.
 
 Each attention layer splits into a step-invariant half and a per-step half so the U-Net can cache
-(DESIGN.md §5): ``kv(...)`` turns the condition (landmark embedding, appearance feature, motion
-feature) into keys/values once; ``forward(x, kv)`` does the per-step queries and attention.
-All attention goes through ``F.scaled_dot_product_attention``.
+what does not depend on the diffusion step: ``kv(...)`` turns the condition (landmark embedding,
+appearance feature, motion feature) into keys/values once; ``forward(x, kv)`` does the per-step
+queries and attention. All attention goes through ``F.scaled_dot_product_attention``.
 """
 from __future__ import annotations
 
@@ -310,7 +310,7 @@ class TalkFormerBlock(nn.Module):
     """M-Align -> R-Align -> optional Temp-Att, at one place of the U-Net.
 
     ``part`` ('encoder' | 'middle' | 'decoder') and ``scale`` (2..I) say which appearance feature
-    this block's R-Align reads (DESIGN.md §1). Ablations swap sub-layers (paper §IV-D):
+    this block's R-Align reads (docs/architecture.md). Ablations swap sub-layers (paper §IV-D):
     m_align=False -> LandmarkAdd; r_align=False -> SelfAttention2d.
     """
 

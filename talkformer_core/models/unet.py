@@ -1,4 +1,4 @@
-"""The denoising U-Net with TalkFormer blocks (paper §III-C, DESIGN.md §1 "The U-Net contract").
+"""The denoising U-Net with TalkFormer blocks (paper §III-C; docs/architecture.md "The U-Net contract").
 
 Structure follows latent-diffusion's ``openaimodel.UNetModel`` (ResBlocks with a timestep
 embedding; encoder / middle / decoder with skip connections), written out plainly:
@@ -17,10 +17,10 @@ Batches: N = B * L frames, clip-major (frame n belongs to clip n // L). Landmark
 B_ref = 1 (one reference for every frame of the batch, e.g. one video), or B_ref = N. Attention
 folds the frames that share a reference into one query sequence, so R-Align K/V are never copied.
 
-Step-invariant caches (DESIGN.md §5): ``prepare_reference`` runs the appearance encoder and every
-R-Align block's K/V once per reference; ``prepare_landmarks`` every M-Align block's K/V once per
-frame; ``prepare_motion`` the Temp-Att motion K/V once per clip. ``forward`` takes raw inputs or
-caches; both go through the same code.
+Step-invariant caches (nothing in them depends on the diffusion step): ``prepare_reference`` runs
+the appearance encoder and every R-Align block's K/V once per reference; ``prepare_landmarks``
+every M-Align block's K/V once per frame; ``prepare_motion`` the Temp-Att motion K/V once per
+clip. ``forward`` takes raw inputs or caches; both go through the same code.
 """
 from __future__ import annotations
 
@@ -258,7 +258,7 @@ class TalkFormerUNet(nn.Module):
                 level.resample = Upsample(ch)
             self.decoder.append(level)
         # LDM zero-initialises this conv; we do not: with it zero, no gradient would reach the
-        # TalkFormer output convs in the first optimiser step (DESIGN.md §1, end-to-end gradient).
+        # TalkFormer output convs in the first optimiser step (the end-to-end gradient of eq. 6).
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, C, 3, padding=1))
 
         # every TalkFormer block in forward order; the caches are lists in this order

@@ -6,7 +6,7 @@ Python API (the CLI in ``__main__`` and later ``finetune`` call this; there is n
     result.checkpoint  # Path of the final checkpoint (models/checkpoint format, atomic)
     result.metrics     # {"loss": [...], "ldm": [...], "l1": [...], "steps_per_s": ..., ...}
 
-Stage ``talkformer`` (paper eq. 6, DESIGN.md §1):
+Stage ``talkformer`` (paper eq. 6, docs/architecture.md "The U-Net contract"):
     L_total = L_ldm + lambda * L1,  lambda = cfg.train.landmark_loss_weight (10)
     L1    = LandmarkCompletion.l1_loss(predicted jaw+lips, ground truth)  (box frame, IP-LAP's nn.L1Loss)
     L_ldm = diffusion.ldm_loss (eq. 1, lower half) with z0 = E(crop), context = E(masked crop),
@@ -30,10 +30,10 @@ two, and a resumed run the same as an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
-import json
 import math
 import os
 import time
@@ -45,7 +45,6 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import TalkFormerConfig, preset
@@ -385,7 +384,7 @@ def load_autoencoder_file(path: str | Path, cfg: TalkFormerConfig) -> tuple[dict
 
 
 def init_landmarks_from(model: nn.Module, path: str | Path) -> None:
-    """Issue 9 item 5: start the completion module from an IP-LAP checkpoint converted by
+    """Start the completion module from an IP-LAP checkpoint converted by
     ``talkformer_core.convert`` (kind "iplap", tensors under ``landmark.``) or any of ours."""
     from ..models.checkpoint import load_model_state, read_checkpoint
 
@@ -759,7 +758,7 @@ def train(cfg: TalkFormerConfig | str, *, stage: str, data: str | Path, out: str
                 last_batch = batch
                 g = torch.Generator(device=dev).manual_seed(_seed_of(seed, step, dd.rank * grad_accum + a))
                 sync = dd.world == 1 or a == grad_accum - 1
-                ctx = wrapped.no_sync() if (not sync and hasattr(wrapped, "no_sync")) else _null()
+                ctx = wrapped.no_sync() if (not sync and hasattr(wrapped, "no_sync")) else contextlib.nullcontext()
                 with ctx:
                     with autocast:
                         loss, logs = wrapped(batch, g)
@@ -843,14 +842,6 @@ def train(cfg: TalkFormerConfig | str, *, stage: str, data: str | Path, out: str
     if dd.world > 1:
         dist.barrier()
     return TrainResult(ck_path, metrics)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _buffers(modules: Mapping[str, nn.Module]) -> list[Tensor]:
