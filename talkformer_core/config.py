@@ -147,6 +147,12 @@ class TrainConfig:
     # position). Our addition for one-clip training, where the held-out frames' heads sit where no
     # training frame's did (docs/finetune_results.md, "Held-out head turns").
     shift_augment: int = 0
+    # Stage talkformer: eq. 1's squared error weighted mouth_loss_weight on the latent cells around
+    # the target frame's lips (their box, one cell of margin), 1 elsewhere; 1 = eq. 1 as written.
+    # Our addition for one-clip training: the mouth moves in a fraction of the lower half's cells
+    # (about a quarter at 64 px, margin included) and the rest is the same in every frame, so an
+    # unweighted loss is mostly spent on skin (docs/dubbing.md).
+    mouth_loss_weight: float = 1.0
     # Person presets on a GPU (finetune): bf16 autocast when training on CUDA (ignored on a CPU,
     # where the CPU presets keep fp32), the autoencoder stage's batch, and the autoencoder's share of
     # the training budget (the rest goes to TalkFormer).

@@ -313,6 +313,31 @@ def test_diffusion_does_not_import_models():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_ldm_loss_weight_is_a_weighted_mean():
+    """``weight``: each lower-half cell's share of the mean; all ones is eq. 1 unchanged, a weight
+    multiplies ``valid``, and a cell with weight w gets w times the gradient of a weight-1 cell."""
+    model_fn, _ = conv_model()
+    g = torch.Generator().manual_seed(3)
+    z0, ctx, noise = (torch.randn(2, 3, 8, 8, generator=g) for _ in range(3))
+    t = torch.tensor([10, 700])
+    full, _ = ldm_loss(model_fn, z0, ctx, SCH, t=t, noise=noise)
+    ones, _ = ldm_loss(model_fn, z0, ctx, SCH, t=t, noise=noise, weight=torch.ones(2, 1, 8, 8))
+    assert torch.allclose(full, ones)
+    pred = model_fn(ldm_loss(model_fn, z0, ctx, SCH, t=t, noise=noise)[1]["z_t"], t).detach().requires_grad_(True)
+    weight = torch.ones(2, 1, 8, 8)
+    weight[:, :, 5:7, 2:5] = 4.0
+    valid = torch.ones(2, 1, 1, 8, dtype=torch.bool)
+    valid[1, ..., :1] = False
+    loss, _ = ldm_loss(lambda x, tt: pred * 1.0, z0, ctx, SCH, t=t, noise=noise, valid=valid, weight=weight)
+    err = ((pred - noise)[:, :, 4:] ** 2).detach()
+    w = (weight * valid)[:, :, 4:].expand(2, 3, 4, 8)
+    assert torch.allclose(loss, (err * w).sum() / w.sum())
+    loss.backward()
+    d = (pred - noise).detach()
+    ratio = pred.grad / d  # 2 w / sum(w): the weight's ratio between cells
+    assert torch.allclose(ratio[0, :, 5, 2], 4 * ratio[0, :, 4, 0]) and (pred.grad[1, :, 4:, 0] == 0).all()
+
+
 def test_ldm_loss_valid_columns_carry_no_loss():
     """``valid`` (a shift augmentation's real columns): the loss is the mean over valid lower-half
     cells; prediction junk in invalid columns changes nothing and gets no gradient."""

@@ -246,6 +246,25 @@ def test_ema_warm_up_forgets_the_initial_weights_of_a_short_run():
     assert keep < 0.05 < 0.995 ** 150
 
 
+def test_mouth_weight_covers_the_lips_box():
+    from talkformer_core.face.topology import LIP_POS
+    from talkformer_core.train.loop import mouth_weight
+
+    lm = torch.full((2, 131, 2), 0.3)
+    lips = list(LIP_POS)
+    lm[0, lips] = torch.tensor([[0.40, 0.70], [0.55, 0.78]]).repeat(20, 1)  # x in [0.40, 0.55], y in [0.70, 0.78]
+    lm[1, lips] = torch.tensor([[0.10, 0.55], [0.20, 0.60]]).repeat(20, 1)
+    w = mouth_weight(lm, (16, 16), 5.0)
+    assert w.shape == (2, 1, 16, 16) and set(w.unique().tolist()) == {1.0, 5.0}
+    c = (torch.arange(16) + 0.5) / 16
+    for n, (x0, x1, y0, y1) in enumerate([(0.40, 0.55, 0.70, 0.78), (0.10, 0.20, 0.55, 0.60)]):
+        inside = ((c[:, None] >= y0 - 1 / 16) & (c[:, None] <= y1 + 1 / 16)
+                  & (c[None] >= x0 - 1 / 16) & (c[None] <= x1 + 1 / 16))
+        assert torch.equal(w[n, 0] == 5.0, inside)
+        assert inside.sum() >= 4  # the box and one cell around it
+    assert torch.equal(mouth_weight(lm, (16, 16), 1.0), torch.ones(2, 1, 16, 16))
+
+
 def test_shift_columns_moves_latents_by_whole_cells():
     from talkformer_core.train.loop import shift_columns
 

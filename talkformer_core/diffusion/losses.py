@@ -39,7 +39,8 @@ def upper_half_mask(h: int, w: int, device: torch.device | str | None = None) ->
 def ldm_loss(model_fn: ModelFn, z0: torch.Tensor, context: torch.Tensor, schedule: NoiseSchedule,
              t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
              generator: torch.Generator | None = None,
-             valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+             valid: torch.Tensor | None = None,
+             weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """Epsilon-MSE on the lower half (eq. 1). Returns (scalar loss, info).
 
     z0, context: (B, C, h, w). t: (B,) long in [0, T) or None (uniform, from ``generator``).
@@ -48,6 +49,8 @@ def ldm_loss(model_fn: ModelFn, z0: torch.Tensor, context: torch.Tensor, schedul
     ``eps_pred`` and ``loss_per_sample`` (B,) for logging the loss against t.
     ``valid``: optional (B, 1, 1, w) or (B, 1, h, w) bool, latent cells that have a target (a shift
     augmentation's filled-in border columns do not); the loss is the mean over valid lower-half cells.
+    ``weight``: optional (B, 1, h, w) float >= 0, each cell's weight in that mean (a weighted mean:
+    the loss keeps eq. 1's scale; with ``valid`` the two multiply).
     """
     if z0.dim() != 4:
         raise InputError(f"ldm_loss: expected z0 of shape (B, C, h, w), got {tuple(z0.shape)}")
@@ -71,6 +74,11 @@ def ldm_loss(model_fn: ModelFn, z0: torch.Tensor, context: torch.Tensor, schedul
         raise InputError(f"ldm_loss: model_fn returned shape {tuple(eps_pred.shape)}, expected "
                          f"{tuple(z0.shape)} (epsilon for z_t)")
     err = (eps_pred.float() - noise.float())[:, :, h // 2:, :] ** 2  # (B, C, h - h//2, w)
+    if weight is not None:
+        wgt = weight.to(err.dtype)
+        if valid is not None:
+            wgt = wgt * valid.to(err.dtype)
+        valid = wgt
     if valid is None:
         loss_per_sample = err.mean(dim=(1, 2, 3))  # (B,)
         loss = err.mean()  # mean over the lower half's elements (equal-size samples: = mean of per-sample)

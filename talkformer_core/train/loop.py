@@ -267,6 +267,23 @@ def shift_columns(z: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
     return z.gather(3, idx), valid[:, None, None, :]
 
 
+def mouth_weight(landmarks: Tensor, hw: tuple[int, int], w_mouth: float) -> Tensor:
+    """Per-cell weights of eq. 1's error (TrainConfig.mouth_loss_weight): ``w_mouth`` on the latent
+    cells that the lips' box (crop frame, ``landmarks`` (N, 131, 2) in [0, 1]) touches, grown by one
+    cell, 1 elsewhere. -> (N, 1, h, w)."""
+    from ..face.topology import LIP_POS
+
+    h, w = int(hw[0]), int(hw[1])
+    lips = landmarks[:, list(LIP_POS)].detach().float()  # (N, 40, 2)
+    lo, hi = lips.amin(1), lips.amax(1)  # (N, 2) x, y
+    cx = (torch.arange(w, device=lips.device, dtype=lips.dtype) + 0.5) / w  # cell centres
+    cy = (torch.arange(h, device=lips.device, dtype=lips.dtype) + 0.5) / h
+    in_x = (cx[None] >= lo[:, :1] - 1.0 / w) & (cx[None] <= hi[:, :1] + 1.0 / w)  # (N, w)
+    in_y = (cy[None] >= lo[:, 1:] - 1.0 / h) & (cy[None] <= hi[:, 1:] + 1.0 / h)  # (N, h)
+    box = in_y[:, :, None] & in_x[:, None, :]  # (N, h, w)
+    return (1.0 + (float(w_mouth) - 1.0) * box.to(landmarks.dtype))[:, None]
+
+
 class TalkFormerStep(nn.Module):
     """One micro-batch of the joint loss (eq. 6). The module DDP wraps (its forward is the step)."""
 
@@ -327,7 +344,10 @@ class TalkFormerStep(nn.Module):
         def model_fn(z_t: Tensor, tt: Tensor) -> Tensor:
             return m.unet(z_t, tt, lms, ref, num_frames=L)
 
-        ldm, _ = ldm_loss(model_fn, z0, ctx, self.schedule, t=t, noise=noise, valid=valid)
+        weight = None
+        if tc.mouth_loss_weight != 1.0:
+            weight = mouth_weight(lms, z0.shape[-2:], tc.mouth_loss_weight)
+        ldm, _ = ldm_loss(model_fn, z0, ctx, self.schedule, t=t, noise=noise, valid=valid, weight=weight)
         return {"loss": ldm + tc.landmark_loss_weight * l1, "ldm": ldm, "l1": l1}
 
 
