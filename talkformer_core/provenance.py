@@ -277,23 +277,3 @@ def bit_accuracy(bits: np.ndarray, expected: np.ndarray | None = None) -> float:
 def false_match_probability(correct: int, n: int = PAYLOAD_LENGTH) -> float:
     """P(at least ``correct`` of n bits agree by chance) for an unmarked video (fair coin bits)."""
     return sum(math.comb(n, k) for k in range(correct, n + 1)) / 2.0 ** n
-
-
-def mark_file(src: Any, dst: Any, watermark: bool | None = None, credentials: Any = None) -> bool:
-    """Give an existing video file the file-level marks: copy its streams (no re-encode) into the
-    mp4 ``dst`` with the generator tag, and sign C2PA ``credentials`` (content_credentials.
-    Credentials) into it. ``watermark``: what the tag says about the frames; None = look (the
-    face track over 25 frames from the middle, 8 face regions decoded and voted, as detect.py
-    does), so the tag only claims a watermark that is there. Returns what the tag says.
-    Atomic: on any error nothing is left at ``dst``."""
-    from .video import remux
-
-    if watermark is None:
-        from .detect import detect_file
-
-        watermark = detect_file(src, frames=8, track_frames=25, c2pa=False).watermark_found
-    from pathlib import Path
-
-    sign = credentials.finalizer(Path(dst).name) if credentials is not None else None
-    remux(src, dst, {"comment": generator_tag(bool(watermark))}, finalize=sign)
-    return bool(watermark)
