@@ -5,6 +5,7 @@ and the choices made from it: the R-Align reference frame and the reference land
                              boxes (face.track), IP-LAP landmark boxes, lip openness, frontalness
     choose_reference_frame   the most open and most frontal mouth (the R-Align reference image)
     reference_landmark_sets  N full-face landmark sets spread over lip openness (IP-LAP ranks)
+    image_reference_crop     a still of the person -> the reference crop, instead of a template frame
 """
 from __future__ import annotations
 
@@ -160,3 +161,16 @@ def reference_landmark_sets(analysis: FaceAnalysis, n: int, box: str = "per_fram
     inference_single.py:342-351, ``pick_spread``)."""
     idx = topology.pick_spread(analysis.openness, n)
     return analysis.points_box(idx, box)
+
+
+def image_reference_crop(image: np.ndarray, size: int, source: str = "reference image") -> np.ndarray:
+    """A still of the person (H, W, 3) uint8 -> its face crop (size, size, 3), the R-Align reference
+    in place of a template frame: the box is the face track's rule (face.track.raw_boxes_from_points
+    on the 131 points) on the largest face. FaceError naming ``source`` when it shows no face."""
+    from .face.landmarks import detect_image
+    from .face.topology import select_131
+    from .face.track import crop_frame, raw_boxes_from_points
+
+    p478, _ = detect_image(image, require_face=True, source=source)
+    box = raw_boxes_from_points(select_131(p478[:, :2])[None])[0]  # (x0, y0, side)
+    return crop_frame(image, box, size)

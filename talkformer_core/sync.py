@@ -17,12 +17,12 @@ from pathlib import Path
 
 from .errors import TalkFormerError
 
-LENGTH_MODES = ("pingpong", "loop", "trim")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .diffusion.samplers import SAMPLERS
     from .sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
+    from .video import PLAN_MODES
 
     from .clitools import parser
 
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--face-index", type=int, default=-1,
                     help="which face when there are several, counting from 0 by size: 0 = the largest, "
                          "1 = the second largest, ...; -1 = the largest")
-    ap.add_argument("--length-mode", default="pingpong", choices=LENGTH_MODES,
+    ap.add_argument("--length-mode", default="pingpong", choices=PLAN_MODES,
                     help="audio longer than the video: pingpong / loop the video; trim: the shorter wins")
     ap.add_argument("--feather", type=int, default=None,
                     help="blend feather in crop pixels (default: from the crop size)")

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..config import AutoencoderConfig, TalkFormerConfig, _from_dict
-from ..errors import CheckpointError
+from ..errors import CheckpointError, VAEMismatchError
 
 FORMAT = "talkformer"
 FORMAT_VERSION = "1"
@@ -442,7 +442,7 @@ def resolve_external_vae(meta: Mapping[str, str], vae_path: str | os.PathLike | 
         sd = read_vae_file(vae_path)
     got = state_dict_sha256(sd)
     if got != rec["sha256"]:
-        raise CheckpointError(f"the VAE {vae_path} (sha256 {got}) is not the one {ck} was trained "
+        raise VAEMismatchError(f"the VAE {vae_path} (sha256 {got}) is not the one {ck} was trained "
                               f"with; it needs {need}")
     return ExternalVAE(Path(vae_path), cfg, float(rec["scale_factor"]), got, sd)
 
