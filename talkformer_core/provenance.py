@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .pixels import to_pixels, to_signed
 
 GENERATOR = "TalkFormer"
 PAYLOAD_LENGTH = 32  # rivaGan's only payload size
@@ -115,7 +116,7 @@ class Watermarker:
 
     # ---- whole images (any size: resized to size x size) -------------------------------------
     def _net_input(self, rgb_square: np.ndarray) -> np.ndarray:
-        bgr = rgb_square[..., ::-1].astype(np.float32) / 127.5 - 1.0  # (S, S, 3) in [-1, 1]
+        bgr = to_signed(rgb_square[..., ::-1])  # (S, S, 3) in [-1, 1]
         return np.ascontiguousarray(bgr.transpose(2, 0, 1)[None, :, None])  # (1, 3, 1, S, S)
 
     def residual(self, image: np.ndarray) -> np.ndarray:
@@ -140,7 +141,7 @@ class Watermarker:
                                        "data": np.repeat(self.bits[None].astype(np.float32), len(chunk), 0)})[0]
             for im, x, o in zip(chunk, small, enc):
                 h, w = im.shape[:2]
-                marked = (np.clip(o[:, 0].transpose(1, 2, 0), -1.0, 1.0)[..., ::-1] + 1.0) * 127.5  # RGB
+                marked = to_pixels(o[:, 0].transpose(1, 2, 0)[..., ::-1], as_uint8=False)  # RGB, 0..255 floats
                 res = (marked - x) * self.strength  # (S, S, 3)
                 shrink = h * w < S * S
                 out.append(cv2.resize(res, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR))

@@ -30,6 +30,7 @@ import torch
 
 from .errors import InputError
 from .loaded_model import LoadedModel
+from .pixels import mask_lower_face, to_pixels, to_signed
 
 StepCallback = Callable[[int, int], None]
 
@@ -53,13 +54,12 @@ WARMUP_CLIPS = 2
 def crops_to_tensor(crops: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
     x = torch.as_tensor(np.ascontiguousarray(crops), device=device)
-    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return to_signed(x.permute(0, 3, 1, 2))
 
 
 def tensor_to_crops(x: torch.Tensor) -> np.ndarray:
     """float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
-    y = ((x.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return y.permute(0, 2, 3, 1).cpu().numpy()
+    return to_pixels(x).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def initial_noise(model: LoadedModel, seed: int) -> torch.Tensor:
@@ -221,8 +221,7 @@ def _encode_known(model: LoadedModel, crops: np.ndarray) -> tuple[torch.Tensor, 
     with _net_ctx(model):
         x_crops = _in(model, crops_to_tensor(crops, model.device))
         if getattr(model, "fused_encode", False):  # one encoder pass of 2B crops: a fuller GPU batch
-            masked = x_crops.clone()
-            masked[:, :, x_crops.shape[2] // 2:] = -1.0  # as TalkFormer.encode_masked
+            masked = mask_lower_face(x_crops)  # as TalkFormer.encode_masked
             known, upper = tf.encode(torch.cat([masked, x_crops])).float().chunk(2)
             return known.contiguous(), upper.contiguous()
         known = tf.encode_masked(x_crops).float()  # (B, C, h, w)
