@@ -204,6 +204,13 @@ def sampler_names() -> list[str]:
     return list(SAMPLERS)
 
 
+def dtype_names() -> list[str]:
+    """The compute dtypes the loader offers (talkformer_core.loaded_model.DTYPE_CHOICES)."""
+    from talkformer_core.loaded_model import DTYPE_CHOICES
+
+    return list(DTYPE_CHOICES)
+
+
 def length_modes() -> list[str]:
     """How frames are fitted to the audio's length (talkformer_core.video.PLAN_MODES)."""
     from talkformer_core.video import PLAN_MODES

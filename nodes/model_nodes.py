@@ -14,12 +14,11 @@ from ._common import (
     CATEGORY,
     TALKFORMER_MODEL,
     comfy_module,
+    dtype_names,
     model_file_list,
     resolve_model_file,
     torch_device_and_dtype,
 )
-
-DTYPES = ["auto", "fp32", "bf16", "fp16"]
 
 
 class TalkFormerModel:
@@ -86,7 +85,7 @@ class LoadTalkFormerModel:
                 "ckpt_name": (model_file_list(), {
                     "tooltip": "TalkFormer checkpoint in models/talkformer/ (or a folder named 'talkformer' "
                                "in extra_model_paths.yaml). Safetensors only."}),
-                "dtype": (DTYPES, {
+                "dtype": (dtype_names(), {
                     "default": "auto",
                     "tooltip": "Weights and compute precision. auto: ComfyUI's choice for the device "
                                "(bf16/fp16 on GPU, fp32 on CPU)."}),

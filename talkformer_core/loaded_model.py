@@ -57,7 +57,13 @@ class LoadedModel:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
 
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")  # the names the CLI and the loader node offer
+
+
 def parse_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """The compute dtype for ``device``: a name of DTYPE_CHOICES (also float32 / bfloat16 / float16)
+    or a torch dtype. "auto" / None: bf16 on a GPU that has it, else fp16 there; fp32 on a CPU.
+    InputError for any other name, and for fp16 on the CPU."""
     if dtype is None or dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

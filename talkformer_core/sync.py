@@ -20,11 +20,11 @@ from .errors import TalkFormerError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .clitools import parser
     from .diffusion.samplers import SAMPLERS
+    from .loaded_model import DTYPE_CHOICES
     from .sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
     from .video import PLAN_MODES
-
-    from .clitools import parser
 
     ap = parser("sync", "Lip-sync a template video (or one image) to an audio track.")
     ap.add_argument("--video", required=True, help="template video, or a single image (png/jpg)")
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=None,
                     help="frames denoised together (default: from free device memory; 8 on the CPU)")
     ap.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps")
-    ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+    ap.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                     help="compute dtype (auto: fp32 on CPU, bf16/fp16 on GPU)")
     ap.add_argument("--vae", default=None, help="external VAE (.safetensors) for a checkpoint that names one")
     ap.add_argument("--no-watermark", action="store_true",
