@@ -120,15 +120,27 @@ def main(argv=None) -> int:
     return 0
 
 
+SPEECH_SEED = 1234  # the demo's new speech: a seed the demo model never trained on
+
+
+def new_speech(duration: float = 4.0) -> tuple[list, np.ndarray]:
+    """The synthetic speech the demo lip-syncs to: (phoneme sequence (phoneme, t0, t1), float32
+    waveform at data.synthetic.SAMPLE_RATE); the sequence gives the true mouth opening
+    (data.synthetic.mouth_trajectory)."""
+    from .data.synthetic import phoneme_sequence, synthesize_audio
+
+    rng = np.random.default_rng(SPEECH_SEED)
+    seq = phoneme_sequence(duration, rng)
+    return seq, synthesize_audio(seq, duration, rng)
+
+
 def _lipsync_demo(video: Path, audio: str | None, ckpt: Path, out: Path, steps: int, device: str) -> None:
     from . import pipeline
 
     if audio is None:
-        from .data.synthetic import SAMPLE_RATE, phoneme_sequence, synthesize_audio
+        from .data.synthetic import SAMPLE_RATE
 
-        rng = np.random.default_rng(1234)  # unseen speech: a seed the demo model never trained on
-        seq = phoneme_sequence(4.0, rng)
-        wav = synthesize_audio(seq, 4.0, rng)
+        _, wav = new_speech()
         audio_in = (wav, SAMPLE_RATE)
     else:
         audio_in = audio
