@@ -6,7 +6,8 @@ masked face of stage 2.
     mask_lower_face(x)  face crops (..., H, W) in [-1, 1] -> a copy with rows [H//2:] set to -1
                         (black): the masked face whose latent upper half is the known context in
                         training and sampling alike (TalkFormer.encode_masked, the dataset's
-                        ``masked``, the sampler's fused encoder pass)
+                        ``masked``, the sampler's fused encoder pass; IP-LAP's renderer too, in
+                        its [0, 1] range)
 
 Each takes a numpy array or a torch tensor and returns the same kind; shapes are kept (the
 channel axis is wherever the caller has it, except for mask_lower_face, whose last two axes are
@@ -45,8 +46,9 @@ def to_pixels(x: Any, as_uint8: bool = True) -> Any:
     return np.round(y).astype(np.uint8) if as_uint8 else y
 
 
-def mask_lower_face(crops: Any) -> Any:
-    """Face crops (..., H, W) in [-1, 1] -> a copy with the lower half, rows [H//2:], set to -1."""
+def mask_lower_face(crops: Any, black: float = -1.0) -> Any:
+    """Face crops (..., H, W) -> a copy with the lower half, rows [H//2:], set to ``black``: -1 in
+    our [-1, 1] range; 0 for IP-LAP's renderer, whose images are in [0, 1]."""
     masked = crops.clone() if _is_tensor(crops) else np.array(crops, copy=True)
-    masked[..., crops.shape[-2] // 2:, :] = -1.0
+    masked[..., crops.shape[-2] // 2:, :] = black
     return masked
