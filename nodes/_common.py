@@ -197,11 +197,29 @@ def uint8_to_image(frames: Any):
 # ---------------------------------------------------------------------------------------------
 # Choice lists the core defines (read when ComfyUI lists the nodes' inputs)
 
-def sampler_names() -> list[str]:
-    """The stage-2 samplers (talkformer_core.diffusion.SAMPLERS)."""
+def sampler_inputs() -> dict:
+    """The steps, sampler and seed inputs of the nodes that run stage 2 (TalkFormer Sampler,
+    TalkFormer Lip Sync (Video)), with the core's samplers (talkformer_core.diffusion.SAMPLERS) and
+    defaults (talkformer_core.sampling)."""
     from talkformer_core.diffusion import SAMPLERS
+    from talkformer_core.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
 
-    return list(SAMPLERS)
+    return {
+        "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": 1000,
+                          "tooltip": "Denoising steps (the paper: 200 DDIM steps; dpmpp_2m at 10 is within "
+                                     "2 % of those, docs/speed.md)."}),
+        "sampler": (list(SAMPLERS), {"default": DEFAULT_SAMPLER,
+                                     "tooltip": "dpmpp_2m (fewest steps), ddim (the paper's), ddpm."}),
+        "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                         "tooltip": "Seed of the starting noise (one noise for the whole video keeps it "
+                                    "temporally steady)."}),
+    }
+
+
+# the width of Blend Face's and Lip Sync (Video)'s mask edge
+FEATHER_INPUT = ("INT", {"default": -1, "min": -1, "max": 128,
+                         "tooltip": "Width in crop pixels of the soft mask edge; -1 = a tenth of the crop side, "
+                                    "0 = hard edge."})
 
 
 def dtype_names() -> list[str]:

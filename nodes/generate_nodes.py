@@ -13,7 +13,7 @@ from ._common import (
     Progress,
     check_interrupt,
     image_to_uint8,
-    sampler_names,
+    sampler_inputs,
     uint8_to_image,
 )
 
@@ -157,14 +157,7 @@ class TalkFormerSampler:
                 "face_track": (TALKFORMER_FACE_TRACK, {"tooltip": "Detect Face Landmarks' track of the frames."}),
                 "landmarks": (TALKFORMER_LANDMARKS, {"tooltip": "Complete Landmarks' target landmarks."}),
                 "reference": (TALKFORMER_REFERENCE, {"tooltip": "Encode Reference's output."}),
-                "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": 1000,
-                                  "tooltip": "Denoising steps (the paper: 200 DDIM steps; dpmpp_2m at 10 is within "
-                                             "2 % of those, docs/speed.md)."}),
-                "sampler": (sampler_names(), {"default": DEFAULT_SAMPLER,
-                                               "tooltip": "dpmpp_2m (fewest steps), ddim (the paper's), ddpm."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                                 "tooltip": "Seed of the starting noise (one noise for the whole video keeps "
-                                            "it temporally steady)."}),
+                **sampler_inputs(),
                 "eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                   "tooltip": "Stochasticity: 0 deterministic (DDIM / DPM-Solver++), 1 ancestral."}),
             },

@@ -41,8 +41,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ._common import (CATEGORY, TALKFORMER_MODEL, Progress, audio_input, check_interrupt, comfy_module, length_modes,
-                      sampler_names)
+from ._common import (CATEGORY, FEATHER_INPUT, TALKFORMER_MODEL, Progress, audio_input, check_interrupt, comfy_module,
+                      length_modes, sampler_inputs)
 from .generate_nodes import DEFAULT_SAMPLER, DEFAULT_STEPS
 
 OUTPUT_PREFIX = "talkformer_lipsync"
@@ -203,14 +203,7 @@ class TalkFormerLipSyncVideo:
                 "video": ("VIDEO", {"tooltip": "The template video (Load Video, or any node giving a VIDEO). "
                                                "Read from its file, never decoded whole into memory."}),
                 "model": (TALKFORMER_MODEL, {"tooltip": "Load TalkFormer Model."}),
-                "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": 1000,
-                                  "tooltip": "Denoising steps (the paper: 200 DDIM steps; DPM-Solver++(2M) at 10 is "
-                                             "within 2 % of that, docs/speed.md)."}),
-                "sampler": (sampler_names(), {"default": DEFAULT_SAMPLER,
-                                               "tooltip": "dpmpp_2m (fewest steps), ddim (the paper's), ddpm."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                                 "tooltip": "Seed of the starting noise (one noise for the whole video keeps it "
-                                            "temporally steady)."}),
+                **sampler_inputs(),
                 "length_mode": (length_modes(), {
                     "default": "pingpong",
                     "tooltip": "When audio and video lengths differ: pingpong plays the video forward then "
@@ -223,10 +216,7 @@ class TalkFormerLipSyncVideo:
                     "default": -1, "min": -1, "max": 1_000_000,
                     "tooltip": "Frame whose face gives the appearance (teeth, lips); -1 = automatic (the most "
                                "open, most frontal mouth)."}),
-                "feather": ("INT", {
-                    "default": -1, "min": -1, "max": 128,
-                    "tooltip": "Width in crop pixels of the soft mask edge; -1 = a tenth of the crop side, "
-                               "0 = hard edge."}),
+                "feather": FEATHER_INPUT,
                 "watermark": ("BOOLEAN", {
                     "default": True,
                     "tooltip": "Provenance: an invisible watermark in the generated faces and a metadata tag "
