@@ -216,6 +216,10 @@ def sampler_inputs() -> dict:
     }
 
 
+# inputs several nodes take, spelled once
+MODEL_INPUT = (TALKFORMER_MODEL, {"tooltip": "Load TalkFormer Model."})
+FACE_TRACK_INPUT = (TALKFORMER_FACE_TRACK, {"tooltip": "Detect Face Landmarks' track of the frames."})
+
 # the width of Blend Face's and Lip Sync (Video)'s mask edge
 FEATHER_INPUT = ("INT", {"default": -1, "min": -1, "max": 128,
                          "tooltip": "Width in crop pixels of the soft mask edge; -1 = a tenth of the crop side, "

@@ -5,10 +5,10 @@ from typing import Any
 
 from ._common import (
     CATEGORY,
+    FACE_TRACK_INPUT,
+    MODEL_INPUT,
     TALKFORMER_AUDIO,
-    TALKFORMER_FACE_TRACK,
     TALKFORMER_LANDMARKS,
-    TALKFORMER_MODEL,
     TALKFORMER_REFERENCE,
     Progress,
     check_interrupt,
@@ -48,8 +48,8 @@ class CompleteLandmarks:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (TALKFORMER_MODEL, {"tooltip": "Load TalkFormer Model."}),
-                "face_track": (TALKFORMER_FACE_TRACK, {"tooltip": "Detect Face Landmarks' track of the frames."}),
+                "model": MODEL_INPUT,
+                "face_track": FACE_TRACK_INPUT,
                 "audio_features": (TALKFORMER_AUDIO, {"tooltip": "Audio Features of the driving audio."}),
             },
             "optional": {
@@ -102,8 +102,8 @@ class EncodeReference:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (TALKFORMER_MODEL, {"tooltip": "Load TalkFormer Model."}),
-                "face_track": (TALKFORMER_FACE_TRACK, {"tooltip": "Detect Face Landmarks' track of the frames."}),
+                "model": MODEL_INPUT,
+                "face_track": FACE_TRACK_INPUT,
                 "images": ("IMAGE", {"tooltip": "The tracked frames (the reference is cropped from one of them)."}),
                 "frame_index": ("INT", {
                     "default": -1, "min": -1, "max": 1_000_000,
@@ -152,9 +152,9 @@ class TalkFormerSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (TALKFORMER_MODEL, {"tooltip": "Load TalkFormer Model."}),
+                "model": MODEL_INPUT,
                 "images": ("IMAGE", {"tooltip": "The tracked frames (their upper faces are kept)."}),
-                "face_track": (TALKFORMER_FACE_TRACK, {"tooltip": "Detect Face Landmarks' track of the frames."}),
+                "face_track": FACE_TRACK_INPUT,
                 "landmarks": (TALKFORMER_LANDMARKS, {"tooltip": "Complete Landmarks' target landmarks."}),
                 "reference": (TALKFORMER_REFERENCE, {"tooltip": "Encode Reference's output."}),
                 **sampler_inputs(),

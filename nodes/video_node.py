@@ -41,7 +41,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ._common import (CATEGORY, FEATHER_INPUT, TALKFORMER_MODEL, Progress, audio_input, check_interrupt, comfy_module,
+from ._common import (CATEGORY, FEATHER_INPUT, MODEL_INPUT, Progress, audio_input, check_interrupt, comfy_module,
                       length_modes, sampler_inputs)
 from .generate_nodes import DEFAULT_SAMPLER, DEFAULT_STEPS
 
@@ -202,7 +202,7 @@ class TalkFormerLipSyncVideo:
             "required": {
                 "video": ("VIDEO", {"tooltip": "The template video (Load Video, or any node giving a VIDEO). "
                                                "Read from its file, never decoded whole into memory."}),
-                "model": (TALKFORMER_MODEL, {"tooltip": "Load TalkFormer Model."}),
+                "model": MODEL_INPUT,
                 **sampler_inputs(),
                 "length_mode": (length_modes(), {
                     "default": "pingpong",
