@@ -223,6 +223,27 @@ def test_blend_face(track, images):
 # ---------------------------------------------------------------------------------------------
 # model nodes (need talkformer_core.pipeline)
 
+def test_loader_names_fp32_vae_when_the_vae_input_is_half_precision(tmp_path):
+    """A checkpoint that names its external VAE by hash, given that VAE through the VAE input: it
+    loads in fp32; held in bf16 (ComfyUI's default for VAEs on many GPUs) its hash differs, and the
+    error (a VAEMismatchError) says to start ComfyUI with --fp32-vae."""
+    from pipeline_helpers import save_tiny_checkpoint, tiny_model
+
+    from talkformer_core.errors import VAEMismatchError
+
+    ck = save_tiny_checkpoint(tmp_path / "ext.safetensors", external_vae=tmp_path / "vae.safetensors")
+    _, m = tiny_model(0)  # the same seed: the same autoencoder weights
+
+    class VAE:  # what _vae_state_dict reads from ComfyUI's VAE object
+        first_stage_model = m.autoencoder
+
+    (loaded,) = node("TalkFormerModelLoader").load(str(ck), "fp32", vae=VAE())
+    assert loaded.image_size == 32
+    VAE.first_stage_model = m.autoencoder.to(torch.bfloat16)
+    with pytest.raises(VAEMismatchError, match="--fp32-vae"):
+        node("TalkFormerModelLoader").load(str(ck), "fp32", vae=VAE())
+
+
 def test_model_chain(checkpoint, images, audio, track):
     from talkformer_core.errors import FaceError, InputError
 
