@@ -8,7 +8,7 @@ first ``--frames`` frames (25 fps), then
     provenance.MARK_BATCH, as Blend Face and the pipeline run it);
   - robustness: the marked frames through our h264 writer at crf 18 and re-encoded at crf 28,
     decoded in detect's face boxes: per-frame bit accuracy and bits correct after voting;
-  - Mark Video's cost (``provenance.mark_file``: the watermark check + stream copy + tag), and
+  - Mark Video's cost (``detect.mark_file``: the watermark check + stream copy + tag), and
     C2PA signing when c2pa-python is installed (a throw-away test certificate).
 Timings are wall clock on whatever machine runs it; they only report.
 """
@@ -35,7 +35,7 @@ def main() -> None:
     a = ap.parse_args()
     from talkformer_core import content_credentials as cc
     from talkformer_core import provenance as pv
-    from talkformer_core.detect import detect_file
+    from talkformer_core.detect import detect_file, mark_file
     from talkformer_core.pipeline import analyze_frames
     from talkformer_core.video import VideoWriter, iter_frames
 
@@ -77,12 +77,12 @@ def main() -> None:
             print(f"  {name}: per frame {100 * r.per_frame_accuracy:.1f} % bits, voted {r.bits_correct}/32 "
                   f"over {r.frames_decoded} frames, found={r.watermark_found}")
         t = time.perf_counter()
-        pv.mark_file(own, tmp / f"{clip.stem}_marked.mp4")
+        mark_file(own, tmp / f"{clip.stem}_marked.mp4")
         t_mark = time.perf_counter() - t
         line = f"  Mark Video (check + copy + tag): {t_mark:.2f} s"
         if creds is not None:
             t = time.perf_counter()
-            pv.mark_file(own, tmp / f"{clip.stem}_signed.mp4", watermark=True, credentials=creds)
+            mark_file(own, tmp / f"{clip.stem}_signed.mp4", watermark=True, credentials=creds)
             line += f"; copy + tag + C2PA signing: {time.perf_counter() - t:.2f} s"
         print(line, flush=True)
 

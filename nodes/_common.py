@@ -128,24 +128,22 @@ class Progress:
 
 
 def torch_device_and_dtype(dtype_name: str = "auto"):
-    """(device, dtype) for our model: from comfy.model_management inside ComfyUI (its --cpu,
-    --gpu-only, --bf16-unet... flags apply), else the first CUDA device or the CPU.
-    ``dtype_name``: auto | fp32 | fp16 | bf16."""
+    """(device, dtype) for our model: the device from comfy.model_management inside ComfyUI (its
+    --cpu, --gpu-only flags apply), else the first CUDA device or the CPU. ``dtype_name``: auto |
+    fp32 | fp16 | bf16, by the core's policy (talkformer_core.loaded_model.parse_dtype), except
+    that "auto" inside ComfyUI is ComfyUI's own choice (its --bf16-unet... flags apply)."""
     import torch
 
-    named = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    from talkformer_core.loaded_model import parse_dtype
+
     mm = comfy_module("comfy.model_management")
     if mm is not None:
         device = mm.get_torch_device()
-        if dtype_name in named:
-            return device, named[dtype_name]
-        return device, mm.unet_dtype(device=device, supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    if dtype_name in named:
-        return device, named[dtype_name]
-    if device.type == "cuda":  # bf16/fp16 on GPU, fp32 on CPU
-        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return device, torch.float32
+        if dtype_name == "auto":
+            return device, mm.unet_dtype(device=device, supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
+    else:
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    return device, parse_dtype(dtype_name, device)
 
 
 def intermediate_device():
@@ -196,14 +194,101 @@ def uint8_to_image(frames: Any):
     return t.to(intermediate_device())
 
 
-def audio_seconds(audio: Any) -> float:
-    """Duration of a ComfyUI AUDIO in seconds."""
+# ---------------------------------------------------------------------------------------------
+# Choice lists the core defines (read when ComfyUI lists the nodes' inputs)
+
+def sampler_inputs() -> dict:
+    """The steps, sampler and seed inputs of the nodes that run stage 2 (TalkFormer Sampler,
+    TalkFormer Lip Sync (Video)), with the core's samplers (talkformer_core.diffusion.SAMPLERS) and
+    defaults (talkformer_core.sampling)."""
+    from talkformer_core.diffusion import SAMPLERS
+    from talkformer_core.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
+
+    return {
+        "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": 1000,
+                          "tooltip": "Denoising steps (the paper: 200 DDIM steps; dpmpp_2m at 10 is within "
+                                     "2 % of those, docs/speed.md)."}),
+        "sampler": (list(SAMPLERS), {"default": DEFAULT_SAMPLER,
+                                     "tooltip": "dpmpp_2m (fewest steps), ddim (the paper's), ddpm."}),
+        "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                         "tooltip": "Seed of the starting noise (one noise for the whole video keeps it "
+                                    "temporally steady)."}),
+    }
+
+
+# inputs several nodes take, spelled once
+MODEL_INPUT = (TALKFORMER_MODEL, {"tooltip": "Load TalkFormer Model."})
+FACE_TRACK_INPUT = (TALKFORMER_FACE_TRACK, {"tooltip": "Detect Face Landmarks' track of the frames."})
+
+# the width of Blend Face's and Lip Sync (Video)'s mask edge
+FEATHER_INPUT = ("INT", {"default": -1, "min": -1, "max": 128,
+                         "tooltip": "Width in crop pixels of the soft mask edge; -1 = a tenth of the crop side, "
+                                    "0 = hard edge."})
+
+
+def dtype_names() -> list[str]:
+    """The compute dtypes the loader offers (talkformer_core.loaded_model.DTYPE_CHOICES)."""
+    from talkformer_core.loaded_model import DTYPE_CHOICES
+
+    return list(DTYPE_CHOICES)
+
+
+def length_modes() -> list[str]:
+    """How frames are fitted to the audio's length (talkformer_core.video.PLAN_MODES)."""
+    from talkformer_core.video import PLAN_MODES
+
+    return list(PLAN_MODES)
+
+
+# ---------------------------------------------------------------------------------------------
+# AUDIO (the only place that reads ComfyUI's AUDIO dict)
+
+def _audio_parts(audio: Any) -> tuple[Any, int]:
+    """ComfyUI AUDIO {"waveform": [B, C, T] tensor, "sample_rate": int} -> (waveform as given, rate)."""
     from talkformer_core.errors import AudioError
 
+    if not isinstance(audio, dict) or "waveform" not in audio or "sample_rate" not in audio:
+        raise AudioError(f"audio: expected ComfyUI AUDIO {{'waveform': [B, C, T], 'sample_rate': int}}, "
+                         f"got {type(audio).__name__}")
     try:
-        return float(audio["waveform"].shape[-1]) / float(audio["sample_rate"])
-    except (TypeError, KeyError, AttributeError, ZeroDivisionError) as e:
-        raise AudioError(f"audio: expected ComfyUI AUDIO {{'waveform': [B, C, T], 'sample_rate': int}} ({e})") from None
+        rate = int(audio["sample_rate"])
+    except (TypeError, ValueError) as e:
+        raise AudioError(f"audio: expected an integer sample_rate ({e})") from None
+    if rate <= 0:
+        raise AudioError(f"audio: expected a positive sample_rate, got {rate}")
+    return audio["waveform"], rate
+
+
+def audio_input(audio: Any) -> tuple[Any, int]:
+    """ComfyUI AUDIO -> (float32 (C, T) numpy, rate) for the core, keeping the channels and rate
+    (the first item of a batch). AudioError for anything else or an empty waveform."""
+    import numpy as np
+
+    from talkformer_core.errors import AudioError
+
+    raw, rate = _audio_parts(audio)
+    w = raw.detach().float().cpu().numpy() if hasattr(raw, "detach") else raw
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim == 3:
+        w = w[0]  # the first item of the batch
+    if w.ndim == 1:
+        w = w[None]
+    if w.ndim != 2 or w.shape[-1] == 0:
+        raise AudioError(f"audio: expected a waveform [B, C, T] with T > 0, got shape {tuple(np.shape(raw))}")
+    return np.ascontiguousarray(w), rate
+
+
+def audio_seconds(audio: Any) -> float:
+    """Duration of a ComfyUI AUDIO in seconds."""
+    raw, rate = _audio_parts(audio)
+    return float(raw.shape[-1]) / float(rate)
+
+
+def trim_audio(audio: Any, seconds: float) -> Any:
+    """A ComfyUI AUDIO cut to at most ``seconds`` (the same dict when it is not longer)."""
+    raw, rate = _audio_parts(audio)
+    keep = int(round(float(seconds) * rate))
+    return {**audio, "waveform": raw[..., :keep]} if raw.shape[-1] > keep else audio
 
 
 def tooltips_complete(cls) -> list[str]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ._common import CATEGORY, TALKFORMER_AUDIO, audio_seconds, intermediate_device
+from ._common import (CATEGORY, TALKFORMER_AUDIO, audio_input, audio_seconds, intermediate_device, length_modes,
+                      trim_audio)
 
-LENGTH_MODES = ["pingpong", "loop", "trim"]
 FPS_SPEC = ("FLOAT", {"default": 25.0, "min": 1.0, "max": 120.0, "step": 0.001,
                       "tooltip": "Frame rate of the video frames (connect GetVideoComponents' fps)."})
 
@@ -37,13 +37,8 @@ class AudioFeatures:
 
     def features(self, audio: dict, fps: float, frame_count: int = 0):
         from talkformer_core import pipeline
-        from talkformer_core.errors import AudioError
 
-        if not isinstance(audio, dict) or "waveform" not in audio or "sample_rate" not in audio:
-            raise AudioError(f"audio: expected ComfyUI AUDIO {{'waveform': [B, C, T], 'sample_rate': int}}, "
-                             f"got {type(audio).__name__}")
-        feats = pipeline.audio_features((audio["waveform"], int(audio["sample_rate"])), fps=float(fps),
-                                        num_frames=int(frame_count) or None)
+        feats = pipeline.audio_features(audio_input(audio), fps=float(fps), num_frames=int(frame_count) or None)
         return (feats, int(feats.num_frames))
 
 
@@ -66,7 +61,7 @@ class MatchLength:
                 "images": ("IMAGE", {"tooltip": "Template video frames."}),
                 "audio": ("AUDIO", {"tooltip": "The driving audio whose length the frames should match."}),
                 "fps": FPS_SPEC,
-                "mode": (LENGTH_MODES, {
+                "mode": (length_modes(), {
                     "default": "pingpong",
                     "tooltip": "pingpong: forward-backward repeat; loop: repeat from the start; trim: cut "
                                "whichever is longer."}),
@@ -82,11 +77,7 @@ class MatchLength:
         idx = match_length_indices(int(images.shape[0]), n_audio, mode)  # (T_out,)
         out = images[torch.from_numpy(idx).to(images.device)]
         T = int(idx.shape[0])
-        wave, sr = audio["waveform"], int(audio["sample_rate"])
-        keep = int(round(T / float(fps) * sr))
-        if wave.shape[-1] > keep:
-            audio = {**audio, "waveform": wave[..., :keep]}
-        return (out.to(intermediate_device()), T, audio)
+        return (out.to(intermediate_device()), T, trim_audio(audio, T / float(fps)))
 
 
 NODE_CLASS_MAPPINGS = {"TalkFormerAudioFeatures": AudioFeatures, "TalkFormerMatchLength": MatchLength}

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._common import CATEGORY, TALKFORMER_FACE_TRACK, Progress, check_interrupt, image_to_uint8, uint8_to_image
+from ._common import (CATEGORY, FEATHER_INPUT, TALKFORMER_FACE_TRACK, Progress, check_interrupt, image_to_uint8,
+                      uint8_to_image)
 
 
 class DetectFaceLandmarks:
@@ -77,10 +78,7 @@ class BlendFace:
                 "images": ("IMAGE", {"tooltip": "The frames the face track was made from."}),
                 "face_crops": ("IMAGE", {"tooltip": "Generated face crops (TalkFormer Sampler), one per frame."}),
                 "face_track": (TALKFORMER_FACE_TRACK, {"tooltip": "The face track of these frames (Detect Face Landmarks)."}),
-                "feather": ("INT", {
-                    "default": -1, "min": -1, "max": 128,
-                    "tooltip": "Width in crop pixels of the soft mask edge; -1 = a tenth of the crop side, "
-                               "0 = hard edge."}),
+                "feather": FEATHER_INPUT,
                 "watermark": ("BOOLEAN", {
                     "default": True,
                     "tooltip": "Provenance: embed the invisible rivaGan watermark in the face region of every "

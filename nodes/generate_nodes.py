@@ -5,29 +5,22 @@ from typing import Any
 
 from ._common import (
     CATEGORY,
+    FACE_TRACK_INPUT,
+    MODEL_INPUT,
     TALKFORMER_AUDIO,
-    TALKFORMER_FACE_TRACK,
     TALKFORMER_LANDMARKS,
-    TALKFORMER_MODEL,
     TALKFORMER_REFERENCE,
     Progress,
     check_interrupt,
     image_to_uint8,
+    sampler_inputs,
     uint8_to_image,
 )
 
 
-# talkformer_core.sampling's defaults, repeated so the node list renders without torch (a test checks)
+# talkformer_core.sampling's defaults, repeated for the node functions' signatures (node modules import
+# the core only inside functions; tests/test_sampling.py checks they agree)
 DEFAULT_SAMPLER, DEFAULT_STEPS = "dpmpp_2m", 10
-
-
-def _sampler_names() -> list[str]:
-    try:
-        from talkformer_core.diffusion import SAMPLERS
-
-        return list(SAMPLERS)
-    except Exception:  # torch missing: the list still has to render
-        return ["ddim", "dpmpp_2m", "ddpm"]
 
 
 def _check_count(what: str, n: int, track: Any) -> None:
@@ -55,8 +48,8 @@ class CompleteLandmarks:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (TALKFORMER_MODEL, {"tooltip": "Load TalkFormer Model."}),
-                "face_track": (TALKFORMER_FACE_TRACK, {"tooltip": "Detect Face Landmarks' track of the frames."}),
+                "model": MODEL_INPUT,
+                "face_track": FACE_TRACK_INPUT,
                 "audio_features": (TALKFORMER_AUDIO, {"tooltip": "Audio Features of the driving audio."}),
             },
             "optional": {
@@ -109,8 +102,8 @@ class EncodeReference:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (TALKFORMER_MODEL, {"tooltip": "Load TalkFormer Model."}),
-                "face_track": (TALKFORMER_FACE_TRACK, {"tooltip": "Detect Face Landmarks' track of the frames."}),
+                "model": MODEL_INPUT,
+                "face_track": FACE_TRACK_INPUT,
                 "images": ("IMAGE", {"tooltip": "The tracked frames (the reference is cropped from one of them)."}),
                 "frame_index": ("INT", {
                     "default": -1, "min": -1, "max": 1_000_000,
@@ -126,13 +119,15 @@ class EncodeReference:
 
     def encode(self, model: Any, face_track: Any, images: Any, frame_index: int = -1, reference_image: Any = None):
         from talkformer_core import pipeline
+        from talkformer_core.analysis import image_reference_crop
         from talkformer_core.face.track import crop_frame
 
         analysis = face_track
         loaded = model.load()
         size = loaded.crop_size
         if reference_image is not None:
-            crop = reference_crop(image_to_uint8(reference_image, "reference_image")[0], size)
+            crop = image_reference_crop(image_to_uint8(reference_image, "reference_image")[0], size,
+                                        source="reference_image")
         else:
             frames = image_to_uint8(images)
             _check_count("Encode Reference images", len(frames), analysis.track)
@@ -140,18 +135,6 @@ class EncodeReference:
             crop = crop_frame(frames[t], analysis.boxes[t], size)
         check_interrupt()
         return (pipeline.encode_reference(loaded, crop),)
-
-
-def reference_crop(image, size: int):
-    """A still (H, W, 3) uint8 -> its face crop (size, size, 3) by the face track's box rule
-    (face.track.raw_boxes_from_points on the 131 points). FaceError when it shows no face."""
-    from talkformer_core.face.landmarks import detect_image
-    from talkformer_core.face.topology import select_131
-    from talkformer_core.face.track import crop_frame, raw_boxes_from_points
-
-    p478, _ = detect_image(image, require_face=True, source="reference_image")
-    box = raw_boxes_from_points(select_131(p478[:, :2])[None])[0]  # (x0, y0, side)
-    return crop_frame(image, box, size)
 
 
 class TalkFormerSampler:
@@ -169,19 +152,12 @@ class TalkFormerSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (TALKFORMER_MODEL, {"tooltip": "Load TalkFormer Model."}),
+                "model": MODEL_INPUT,
                 "images": ("IMAGE", {"tooltip": "The tracked frames (their upper faces are kept)."}),
-                "face_track": (TALKFORMER_FACE_TRACK, {"tooltip": "Detect Face Landmarks' track of the frames."}),
+                "face_track": FACE_TRACK_INPUT,
                 "landmarks": (TALKFORMER_LANDMARKS, {"tooltip": "Complete Landmarks' target landmarks."}),
                 "reference": (TALKFORMER_REFERENCE, {"tooltip": "Encode Reference's output."}),
-                "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": 1000,
-                                  "tooltip": "Denoising steps (the paper: 200 DDIM steps; dpmpp_2m at 10 is within "
-                                             "2 % of those, docs/speed.md)."}),
-                "sampler": (_sampler_names(), {"default": DEFAULT_SAMPLER,
-                                               "tooltip": "dpmpp_2m (fewest steps), ddim (the paper's), ddpm."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                                 "tooltip": "Seed of the starting noise (one noise for the whole video keeps "
-                                            "it temporally steady)."}),
+                **sampler_inputs(),
                 "eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                   "tooltip": "Stochasticity: 0 deterministic (DDIM / DPM-Solver++), 1 ancestral."}),
             },

@@ -14,12 +14,11 @@ from ._common import (
     CATEGORY,
     TALKFORMER_MODEL,
     comfy_module,
+    dtype_names,
     model_file_list,
     resolve_model_file,
     torch_device_and_dtype,
 )
-
-DTYPES = ["auto", "fp32", "bf16", "fp16"]
 
 
 class TalkFormerModel:
@@ -86,7 +85,7 @@ class LoadTalkFormerModel:
                 "ckpt_name": (model_file_list(), {
                     "tooltip": "TalkFormer checkpoint in models/talkformer/ (or a folder named 'talkformer' "
                                "in extra_model_paths.yaml). Safetensors only."}),
-                "dtype": (DTYPES, {
+                "dtype": (dtype_names(), {
                     "default": "auto",
                     "tooltip": "Weights and compute precision. auto: ComfyUI's choice for the device "
                                "(bf16/fp16 on GPU, fp32 on CPU)."}),
@@ -103,8 +102,10 @@ class LoadTalkFormerModel:
     def load(self, ckpt_name: str, dtype: str = "auto", vae: Any = None):
         import warnings
 
+        import torch
+
         from talkformer_core import pipeline
-        from talkformer_core.errors import CheckpointError
+        from talkformer_core.errors import VAEMismatchError
         from talkformer_core.models.checkpoint import external_vae_record, read_metadata
 
         path = resolve_model_file(ckpt_name)
@@ -122,10 +123,10 @@ class LoadTalkFormerModel:
         load_device = mm.unet_offload_device() if mm is not None and mp is not None else device
         try:
             loaded = pipeline.load_model(path, load_device, torch_dtype, vae=vae_sd)
-        except CheckpointError as e:
+        except VAEMismatchError as e:
             dt = next((v.dtype for v in (vae_sd or {}).values()), None)
-            if vae_sd is not None and "sha256" in str(e) and dt is not None and str(dt) != "torch.float32":
-                raise CheckpointError(f"{e}. ComfyUI holds this VAE in {dt}; the checkpoint records the fp32 "
+            if dt is not None and dt != torch.float32:
+                raise VAEMismatchError(f"{e}. ComfyUI holds this VAE in {dt}; the checkpoint records the fp32 "
                                       f"weights' hash: start ComfyUI with --fp32-vae") from None
             raise
         from pathlib import Path

@@ -6,7 +6,7 @@ credentials need a node between them: this one reads the VIDEO from its stream s
 is decoded into memory, nodes/video_node.py), copies its streams into a new mp4 in ComfyUI's temp
 folder (no re-encode) with the ``comment`` tag, signs C2PA credentials when a certificate and key
 are given, and returns that file as a VIDEO. The tag says whether the frames carry our watermark,
-as measured on the video (talkformer_core.provenance.mark_file), so it is true whatever Blend
+as measured on the video (talkformer_core.detect.mark_file), so it is true whatever Blend
 Face's setting was.
 
 Save Video (format auto) copies the streams again and keeps the container's tags, so the tag
@@ -74,7 +74,7 @@ class TalkFormerMarkVideo:
 
     def mark(self, video: Any, c2pa_cert: str = "", c2pa_key: str = "", filename_prefix: str = ""):
         from talkformer_core.content_credentials import load_credentials
-        from talkformer_core.provenance import mark_file
+        from talkformer_core.detect import mark_file
 
         credentials = load_credentials(c2pa_cert, c2pa_key)  # bad cert / key: an error naming the file now
         out = _unique_path(temp_directory(), OUTPUT_PREFIX)

@@ -63,7 +63,7 @@ def clip_audio(audio: Any) -> tuple[Any, int]:
     """The AUDIO that comes with IMAGE frames -> (waveform, rate); an error when none is connected."""
     from talkformer_core.errors import AudioError
 
-    from .video_node import audio_input
+    from ._common import audio_input
 
     if audio is None:
         raise AudioError("audio: IMAGE frames need the AUDIO of the same clip (the model learns from its speech)")
@@ -162,7 +162,7 @@ class TrainTalkFormerOnVideo:
         from contextlib import ExitStack
 
         from talkformer_core.errors import InputError
-        from talkformer_core.finetune import finetune, work_dir_for
+        from talkformer_core.finetune import finetune, state_path, work_dir_for
         from talkformer_core.models.checkpoint import copy_with_metadata, state_dict_sha256
         from talkformer_core.training_key import (KEY_FIELD, RUN_FIELD, arrays_sha256, file_sha256, stored_key,
                                                   training_keys)
@@ -200,7 +200,7 @@ class TrainTalkFormerOnVideo:
                 return self._loaded(out, vae)
 
             run_file = work_parent / "run_key.txt"
-            can_resume = (bool(resume) and (work / "finetune.json").exists() and run_file.is_file()
+            can_resume = (bool(resume) and state_path(work).exists() and run_file.is_file()
                           and run_file.read_text().strip() == run_key)
             if not can_resume and work_parent.exists():
                 shutil.rmtree(work_parent)  # another clip or other settings: start over

@@ -41,10 +41,10 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ._common import CATEGORY, TALKFORMER_MODEL, Progress, check_interrupt, comfy_module
-from .generate_nodes import DEFAULT_SAMPLER, DEFAULT_STEPS, _sampler_names
+from ._common import (CATEGORY, FEATHER_INPUT, MODEL_INPUT, Progress, audio_input, check_interrupt, comfy_module,
+                      length_modes, sampler_inputs)
+from .generate_nodes import DEFAULT_SAMPLER, DEFAULT_STEPS
 
-LENGTH_MODES = ["pingpong", "loop", "trim"]
 OUTPUT_PREFIX = "talkformer_lipsync"
 
 
@@ -180,33 +180,6 @@ def file_video(path: Path) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# AUDIO in
-
-def audio_input(audio: Any) -> Any:
-    """ComfyUI AUDIO {"waveform": [B, C, T], "sample_rate"} -> (float32 (C, T) numpy, rate) for the
-    pipeline, keeping the channels and rate (the output's AAC track is made from it; the model's
-    16 kHz mono comes from the same samples inside the pipeline)."""
-    import numpy as np
-
-    from talkformer_core.errors import AudioError
-
-    if not isinstance(audio, dict) or "waveform" not in audio or "sample_rate" not in audio:
-        raise AudioError(f"audio: expected ComfyUI AUDIO {{'waveform': [B, C, T], 'sample_rate': int}}, "
-                         f"got {type(audio).__name__}")
-    w = audio["waveform"]
-    if hasattr(w, "detach"):
-        w = w.detach().float().cpu().numpy()
-    w = np.asarray(w, dtype=np.float32)
-    if w.ndim == 3:
-        w = w[0]  # the first item of the batch
-    if w.ndim == 1:
-        w = w[None]
-    if w.ndim != 2 or w.shape[-1] == 0:
-        raise AudioError(f"audio: expected a waveform [B, C, T] with T > 0, got shape {tuple(np.shape(audio['waveform']))}")
-    return np.ascontiguousarray(w), int(audio["sample_rate"])
-
-
-# ---------------------------------------------------------------------------------------------
 # the node
 
 class TalkFormerLipSyncVideo:
@@ -229,16 +202,9 @@ class TalkFormerLipSyncVideo:
             "required": {
                 "video": ("VIDEO", {"tooltip": "The template video (Load Video, or any node giving a VIDEO). "
                                                "Read from its file, never decoded whole into memory."}),
-                "model": (TALKFORMER_MODEL, {"tooltip": "Load TalkFormer Model."}),
-                "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": 1000,
-                                  "tooltip": "Denoising steps (the paper: 200 DDIM steps; DPM-Solver++(2M) at 10 is "
-                                             "within 2 % of that, docs/speed.md)."}),
-                "sampler": (_sampler_names(), {"default": DEFAULT_SAMPLER,
-                                               "tooltip": "dpmpp_2m (fewest steps), ddim (the paper's), ddpm."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                                 "tooltip": "Seed of the starting noise (one noise for the whole video keeps it "
-                                            "temporally steady)."}),
-                "length_mode": (LENGTH_MODES, {
+                "model": MODEL_INPUT,
+                **sampler_inputs(),
+                "length_mode": (length_modes(), {
                     "default": "pingpong",
                     "tooltip": "When audio and video lengths differ: pingpong plays the video forward then "
                                "backward to the audio's length, loop repeats it, trim cuts both to the shorter."}),
@@ -250,10 +216,7 @@ class TalkFormerLipSyncVideo:
                     "default": -1, "min": -1, "max": 1_000_000,
                     "tooltip": "Frame whose face gives the appearance (teeth, lips); -1 = automatic (the most "
                                "open, most frontal mouth)."}),
-                "feather": ("INT", {
-                    "default": -1, "min": -1, "max": 128,
-                    "tooltip": "Width in crop pixels of the soft mask edge; -1 = a tenth of the crop side, "
-                               "0 = hard edge."}),
+                "feather": FEATHER_INPUT,
                 "watermark": ("BOOLEAN", {
                     "default": True,
                     "tooltip": "Provenance: an invisible watermark in the generated faces and a metadata tag "

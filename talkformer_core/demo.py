@@ -15,7 +15,6 @@ windows; mediapipe landmarks in tracking mode -> smoothed face track) and writes
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -76,59 +75,68 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .clitools import run
+
     a = build_parser().parse_args(argv)
+    return run(lambda: _main(a))
+
+
+def _main(a: argparse.Namespace) -> int:
+    from .paths import check_output_dir
+
     out = Path(a.out)
-    from .errors import TalkFormerError
+    check_output_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.video:
+        video = Path(a.video)
+    else:
+        from .data.synthetic import load_photo, make_clip, write_clip
 
-    try:
-        from .paths import check_output_dir
+        print("making a sample clip from scikit-image's astronaut photo (synthetic speech) ...")
+        video = write_clip(make_clip(load_photo("astronaut"), seed=7, duration=4.0, frame_size=256),
+                           out / "sample.mp4")
+    stats = frontend_preview(video, out / "frontend_preview.mp4")
+    print(f"front end: {stats['frames']} frames at 25 fps, face found in {stats['faces_found']}, "
+          f"{stats['landmark_ms_per_frame']:.1f} ms/frame for landmarks")
+    print(f"mel spectrogram {stats['mel_shape']} (80 mels x 80 frames/s), "
+          f"per-frame windows {stats['mel_windows_shape']}")
+    print(f"wrote {out / 'frontend_preview.mp4'}")
+    ckpt = Path(a.checkpoint) if a.checkpoint else (DEMO_CHECKPOINT if DEMO_CHECKPOINT.exists() else None)
+    if ckpt is not None:
+        import warnings
 
-        check_output_dir(out)
-        out.mkdir(parents=True, exist_ok=True)
-        if a.video:
-            video = Path(a.video)
-        else:
-            from .data.synthetic import load_photo, make_clip, write_clip
+        from .models.checkpoint import DemoCheckpointWarning
 
-            print("making a sample clip from scikit-image's astronaut photo (synthetic speech) ...")
-            video = write_clip(make_clip(load_photo("astronaut"), seed=7, duration=4.0, frame_size=256),
-                               out / "sample.mp4")
-        stats = frontend_preview(video, out / "frontend_preview.mp4")
-        print(f"front end: {stats['frames']} frames at 25 fps, face found in {stats['faces_found']}, "
-              f"{stats['landmark_ms_per_frame']:.1f} ms/frame for landmarks")
-        print(f"mel spectrogram {stats['mel_shape']} (80 mels x 80 frames/s), "
-              f"per-frame windows {stats['mel_windows_shape']}")
-        print(f"wrote {out / 'frontend_preview.mp4'}")
-        ckpt = Path(a.checkpoint) if a.checkpoint else (DEMO_CHECKPOINT if DEMO_CHECKPOINT.exists() else None)
-        if ckpt is not None:
-            import warnings
-
-            from .models.checkpoint import DemoCheckpointWarning
-
-            with warnings.catch_warnings():
-                if not a.video:  # the demo checkpoint on its own synthetic face: what it is for
-                    warnings.simplefilter("ignore", DemoCheckpointWarning)
-                _lipsync_demo(video, a.audio, ckpt, out, a.steps, a.device)
-        else:
-            print("no checkpoint given and no demo checkpoint shipped: lip-sync step skipped")
-    except TalkFormerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+        with warnings.catch_warnings():
+            if not a.video:  # the demo checkpoint on its own synthetic face: what it is for
+                warnings.simplefilter("ignore", DemoCheckpointWarning)
+            _lipsync_demo(video, a.audio, ckpt, out, a.steps, a.device)
+    else:
+        print("no checkpoint given and no demo checkpoint shipped: lip-sync step skipped")
     return 0
+
+
+SPEECH_SEED = 1234  # the demo's new speech: a seed the demo model never trained on
+
+
+def new_speech(duration: float = 4.0) -> tuple[list, np.ndarray]:
+    """The synthetic speech the demo lip-syncs to: (phoneme sequence (phoneme, t0, t1), float32
+    waveform at data.synthetic.SAMPLE_RATE); the sequence gives the true mouth opening
+    (data.synthetic.mouth_trajectory)."""
+    from .data.synthetic import phoneme_sequence, synthesize_audio
+
+    rng = np.random.default_rng(SPEECH_SEED)
+    seq = phoneme_sequence(duration, rng)
+    return seq, synthesize_audio(seq, duration, rng)
 
 
 def _lipsync_demo(video: Path, audio: str | None, ckpt: Path, out: Path, steps: int, device: str) -> None:
     from . import pipeline
 
     if audio is None:
-        from .data.synthetic import SAMPLE_RATE, phoneme_sequence, synthesize_audio
+        from .data.synthetic import SAMPLE_RATE
 
-        rng = np.random.default_rng(1234)  # unseen speech: a seed the demo model never trained on
-        seq = phoneme_sequence(4.0, rng)
-        wav = synthesize_audio(seq, 4.0, rng)
+        _, wav = new_speech()
         audio_in = (wav, SAMPLE_RATE)
     else:
         audio_in = audio

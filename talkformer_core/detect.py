@@ -1,4 +1,5 @@
-"""Read a video's provenance marks: ``python -m talkformer_core.detect FILE [--frames 24] [--json]``.
+"""Read a video's provenance marks: ``python -m talkformer_core.detect FILE [--frames 24] [--json]``;
+and ``mark_file``, which gives an existing video the file-level marks after looking for the watermark.
 
 Reports the three marks our outputs can carry (docs/provenance.md):
   - the container's ``comment`` metadata tag (does it name the generator, and does it say the
@@ -23,6 +24,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -132,6 +134,23 @@ def detect_file(path: str | Path, frames: int = 24, track_frames: int = 75, c2pa
         frames=[int(start + t) for t in pick],
         tag_claims_watermark=provenance.tag_claims_watermark(comment), note=note, c2pa=creds,
     )
+
+
+def mark_file(src: str | Path, dst: str | Path, watermark: bool | None = None, credentials: Any = None) -> bool:
+    """Give an existing video file the file-level marks: copy its streams (no re-encode) into the
+    mp4 ``dst`` with the generator tag, and sign C2PA ``credentials`` (content_credentials.
+    Credentials) into it. ``watermark``: what the tag says about the frames; None = look (the
+    face track over 25 frames from the middle, 8 face regions decoded and voted, as
+    ``detect_file`` does), so the tag only claims a watermark that is there. Returns what the tag says.
+    Atomic: on any error nothing is left at ``dst``."""
+    from .provenance import generator_tag
+    from .video import remux
+
+    if watermark is None:
+        watermark = detect_file(src, frames=8, track_frames=25, c2pa=False).watermark_found
+    sign = credentials.finalizer(Path(dst).name) if credentials is not None else None
+    remux(src, dst, {"comment": generator_tag(bool(watermark))}, finalize=sign)
+    return bool(watermark)
 
 
 def format_report(r: DetectReport) -> str:

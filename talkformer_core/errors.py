@@ -25,6 +25,11 @@ class CheckpointError(TalkFormerError, ValueError):
     """A checkpoint of the wrong format, kind, shape or config."""
 
 
+class VAEMismatchError(CheckpointError):
+    """The external VAE given is not the one the checkpoint was trained with (its weights' sha256
+    differs from the checkpoint's record)."""
+
+
 class OutputError(InputError):
     """An output path that cannot be written (read-only folder, a file where a folder is needed,
     a folder where a file is needed, a full disk)."""

@@ -156,17 +156,18 @@ def _reject_to_error(video: Path, reason: str, detail: str) -> TalkFormerError:
     return VideoError(f"{video}: could not be read ({detail})")
 
 
-def _state_path(work: Path) -> Path:
+def state_path(work: Path) -> Path:
+    """The file in a work folder that records a run's stages (it exists once a run has started)."""
     return work / "finetune.json"
 
 
 def _load_state(work: Path) -> dict[str, Any]:
-    p = _state_path(work)
+    p = state_path(work)
     return json.loads(p.read_text()) if p.exists() else {}
 
 
 def _save_state(work: Path, st: dict[str, Any]) -> None:
-    p = _state_path(work)
+    p = state_path(work)
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(json.dumps(st, indent=1, sort_keys=True))
     os.replace(tmp, p)
@@ -246,7 +247,7 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
     work = work_dir_for(out)
     st = _load_state(work) if resume else {}
     if resume and not st:
-        raise CheckpointError(f"--resume: no earlier run in {work} (expected {_state_path(work).name}); start without --resume")
+        raise CheckpointError(f"--resume: no earlier run in {work} (expected {state_path(work).name}); start without --resume")
     if not resume and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)

@@ -50,8 +50,10 @@ import torch
 from torch import nn
 
 from . import iplap
+from .analysis import reference_landmark_sets
 from .errors import CheckpointError, InputError
 from .face import topology
+from .loaded_model import LoadedModel
 
 KIND = "iplap"
 CROP_SIZE = iplap.IMG_SIZE  # 128: the renderer's resolution
@@ -93,11 +95,10 @@ class IPLAPModel(nn.Module):
 
 def load_iplap_model(path: Path, meta: dict[str, str], device: torch.device, dtype: torch.dtype,
                      vae: Any = None, use_ema: bool = True):
-    """An "iplap" checkpoint -> pipeline.LoadedModel (kind "iplap"), weights in fp32 on ``device``;
+    """An "iplap" checkpoint -> LoadedModel (kind "iplap"), weights in fp32 on ``device``;
     a reduced ``dtype`` runs the networks under autocast, as the TalkFormer path does."""
     from .config import LandmarkConfig, ModelConfig, TalkFormerConfig
     from .convert import load_iplap_checkpoint
-    from .pipeline import LoadedModel
 
     if vae is not None:
         warnings.warn(f"{path}: an IP-LAP checkpoint has no autoencoder; the VAE given is not used", stacklevel=3)
@@ -311,8 +312,6 @@ class IPLAPFrameRenderer:
 
     def __init__(self, model: Any, analysis: Any, audio: Any, plan: np.ndarray,
                  read_frame: Callable[[int], np.ndarray], options: Any):
-        from .pipeline import reference_landmark_sets
-
         check_renderable(model)
         self.model, self.analysis, self.plan = model, analysis, np.asarray(plan, dtype=np.int64)
         self.windows = audio.windows

@@ -36,7 +36,6 @@ with fp32 weights and an fp32 sampler state.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -44,99 +43,28 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .config import TalkFormerConfig
-from .errors import AudioError, CheckpointError, FaceError, InputError, TalkFormerError, VideoError
+from .analysis import (FaceAnalysis, analyze_frames, analyze_landmarks,  # stage 0 (re-exported)
+                       choose_reference_frame, frontalness, reference_landmark_sets)
+from .errors import AudioError, CheckpointError, InputError, TalkFormerError, VideoError
 from .face import topology
-from .sampling import (DEFAULT_SAMPLER, DEFAULT_STEPS, FaceSampler, crops_to_tensor, initial_noise, sample_latents,
+from .loaded_model import LoadedModel, parse_device, parse_dtype  # LoadedModel re-exported
+from .sampling import (DEFAULT_SAMPLER, DEFAULT_STEPS, FaceSampler, crops_to_tensor, initial_noise,
                        tensor_to_crops)
 from .sampling import sample_latents as _sample_latents_talkformer  # noqa: F401  (the name tests and tools use)
 
 FPS = 25.0  # the model's frame rate (IP-LAP / paper: video resampled to 25 fps)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
-MIN_TRACK_CROP = 64  # face.track.build_track's lower bound on crop_size (tiny configs crop 32 px)
 
 ProgressFn = Callable[[int, int, "np.ndarray | None"], None]
 
 
 # ----------------------------------------------------------------------------------------------
 # model loading (dispatch by checkpoint kind)
-
-@dataclass
-class LoadedModel:
-    """A checkpoint's networks ready for inference.
-
-    kind: the checkpoint's ``kind`` metadata; ``sample_faces`` picks the renderer by it.
-    """
-
-    kind: str
-    config: TalkFormerConfig
-    model: torch.nn.Module  # models.model.TalkFormer for kind "talkformer"
-    schedule: Any  # diffusion.NoiseSchedule
-    device: torch.device
-    dtype: torch.dtype  # compute dtype (autocast when not float32)
-    path: Path | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def crop_size(self) -> int:
-        return int(self.config.model.image_size)
-
-    @property
-    def sequence_length(self) -> int:
-        return int(self.config.model.sequence_length)
-
-    @property
-    def num_references(self) -> int:
-        return int(self.config.model.num_reference_landmarks)
-
-    @property
-    def landmark(self) -> torch.nn.Module:
-        return self.model.landmark
-
-    def autocast(self):
-        """torch.autocast for a reduced compute dtype, else a no-op context."""
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-
-def _parse_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    if dtype is None or dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        d = dtype
-    else:
-        names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-        if str(dtype) not in names:
-            raise InputError(f"dtype {dtype!r}: expected one of fp32, bf16, fp16 (or auto)")
-        d = names[str(dtype)]
-    if d not in (torch.float32, torch.bfloat16, torch.float16):
-        raise InputError(f"dtype {d}: expected float32, bfloat16 or float16")
-    if d == torch.float16 and device.type == "cpu":
-        raise InputError("dtype fp16 is not supported on the CPU; use fp32 (or bf16)")
-    return d
-
-
-def parse_device(device: torch.device | str | None) -> torch.device:
-    """A torch.device the user named, checked to exist (clear error for e.g. 'cuda' without a GPU)."""
-    try:
-        dev = torch.device("cpu" if device is None else device)
-    except (RuntimeError, TypeError) as e:
-        raise InputError(f"device {device!r}: not a torch device name ({e})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r}: CUDA is not available on this machine; use --device cpu")
-    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise InputError(f"device {device!r}: MPS is not available on this machine; use --device cpu")
-    return dev
-
 
 def _load_talkformer(path: Path, meta: dict[str, str], device: torch.device, dtype: torch.dtype,
                      vae: str | os.PathLike | None, use_ema: bool) -> LoadedModel:
@@ -171,7 +99,8 @@ def _load_iplap(path: Path, meta: dict[str, str], device: torch.device, dtype: t
     return load_iplap_model(path, meta, device, dtype, vae, use_ema)
 
 
-# kind -> loader. The IP-LAP renderer ("iplap", convert.py) plugs in here and in _FRAME_RENDERERS below.
+# kind -> loader. The IP-LAP renderer ("iplap", convert.py) plugs in here, in _FRAME_RENDERERS below and in
+# sampling._RENDERERS.
 _LOADERS: dict[str, Callable[..., LoadedModel]] = {"talkformer": _load_talkformer, "iplap": _load_iplap}
 
 
@@ -185,7 +114,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = "cpu
 
     p = Path(path)
     dev = parse_device(device)
-    dt = _parse_dtype(dtype, dev)
+    dt = parse_dtype(dtype, dev)
     meta = read_metadata(p)
     why = purpose_warning(meta)  # e.g. the demo checkpoint on a real person: say so before the work
     if why is not None:
@@ -196,151 +125,6 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = "cpu
         raise CheckpointError(f"{p}: a checkpoint of kind {kind!r}; the lip-sync pipeline runs kinds "
                               f"{sorted(_LOADERS)}")
     return loader(p, meta, dev, dt, vae, use_ema)
-
-
-# ----------------------------------------------------------------------------------------------
-# stage 0: face analysis
-
-@dataclass
-class FaceAnalysis:
-    """Everything the pipeline needs about the template's face, per template frame (no pixels)."""
-
-    track: Any  # face.track.FaceTrack (boxes (T, 3) smoothed square crop boxes px, found, points)
-    landmark_boxes: np.ndarray  # (T, 4) int IP-LAP landmark boxes (x1, y1, x2, y2) px, from filled points
-    openness: np.ndarray  # (T,) lip openness (IP-LAP's measure, normalised image coords); NaN if no face
-    frontalness: np.ndarray  # (T,) in [0, 1], 1 = frontal; NaN if no face
-    crop_size: int
-    # (T, 4) float px: stage 1's jaw-blind boxes (topology.stable_landmark_boxes over the found frames)
-    stable_boxes: np.ndarray | None = None
-
-    @property
-    def found(self) -> np.ndarray:
-        return self.track.found
-
-    @property
-    def boxes(self) -> np.ndarray:
-        return self.track.boxes
-
-    @property
-    def num_frames(self) -> int:
-        return len(self.track)
-
-    @property
-    def num_missing(self) -> int:
-        return self.track.num_missing
-
-    @property
-    def frame_size(self) -> tuple[int, int]:
-        return tuple(self.track.frame_size)
-
-    def stage1_boxes(self, box: str = "stable") -> np.ndarray:
-        """(T, 4) px boxes of stage 1's box frame: ``box`` "stable" (``stable_boxes``) or
-        "per_frame" (IP-LAP's ``landmark_boxes``); ModelConfig.landmark_box names it."""
-        if box == "per_frame":
-            return self.landmark_boxes
-        if box != "stable":
-            raise InputError(f"landmark box {box!r}: expected one of {topology.LANDMARK_BOX_MODES}")
-        if self.stable_boxes is None:
-            h, w = self.frame_size
-            self.stable_boxes = topology.stable_landmark_boxes(self.track.points131_filled, w, h, valid=self.found)
-        return self.stable_boxes
-
-    def points_box(self, t: Any = slice(None), box: str = "per_frame") -> np.ndarray:
-        """The detected (gap-filled) 131 points of template frames ``t`` in their box frame, (..., 131, 2)
-        (IP-LAP's per-frame box by default; ``box="stable"`` stage 1's jaw-blind one)."""
-        pts = self.track.points131_filled[t].astype(np.float64)
-        return topology.normalize(pts, self.stage1_boxes(box)[t].astype(np.float64)).astype(np.float32)
-
-
-def frontalness(points131: np.ndarray) -> np.ndarray:
-    """(..., 131, 2) px -> (...) in [0, 1]: how frontal the face is, from 2-D points alone.
-
-    Yaw: where the nose tip (mediapipe 4) sits between the cheek contour points 234 and 454
-    (0.5 when frontal); roll: the tilt of the line through the outer eye corners 33 and 263.
-    frontalness = (1 - 2 |r - 0.5|) * cos(roll), clipped to [0, 1].
-    """
-    pos = {m: i for i, m in enumerate(topology.FULL_131)}
-    p = np.asarray(points131, dtype=np.float64)
-    nose, right, left = p[..., pos[4], :], p[..., pos[234], :], p[..., pos[454], :]
-    span = left[..., 0] - right[..., 0]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = (nose[..., 0] - right[..., 0]) / span
-        eye = p[..., pos[263], :] - p[..., pos[33], :]
-        cos_roll = np.abs(eye[..., 0]) / np.hypot(eye[..., 0], eye[..., 1])
-    return np.clip((1.0 - 2.0 * np.abs(r - 0.5)) * cos_roll, 0.0, 1.0)
-
-
-def analyze_landmarks(face_landmarks: Any, crop_size: int) -> FaceAnalysis:
-    """face.landmarks.FaceLandmarks -> FaceAnalysis (FaceError when no frame has a face)."""
-    from .face.track import build_track
-
-    track = build_track(face_landmarks, crop_size=max(int(crop_size), MIN_TRACK_CROP))
-    if track.crop_size != crop_size:  # the track's boxes do not depend on the crop size
-        track = dataclasses.replace(track, crop_size=int(crop_size))
-    h, w = track.frame_size
-    filled = track.points131_filled
-    lboxes = np.array([topology.landmark_box(p, w, h) for p in filled], dtype=np.int64).reshape(-1, 4)
-    raw = track.points131  # NaN where not found
-    openness = np.asarray(topology.lip_openness(raw.astype(np.float64), size=(h, w)), dtype=np.float64)
-    front = frontalness(raw)
-    openness[~track.found] = np.nan
-    front[~track.found] = np.nan
-    return FaceAnalysis(track, lboxes, openness, front, int(crop_size))
-
-
-def analyze_frames(frames: Iterable[np.ndarray], crop_size: int, face_index: int | None = None,
-                   progress: Callable[[int], None] | None = None, source: str = "video") -> FaceAnalysis:
-    """Frames (any iterable of uint8 (H, W, 3) RGB, streamed) -> FaceAnalysis.
-
-    mediapipe FaceMesh in tracking mode; ``face_index`` None or -1 tracks the largest face, K >= 0
-    the K-th largest (0 = the largest). Frames without a face get found False (their boxes and
-    points are interpolated; the pipeline passes them through unchanged). FaceError naming
-    ``source`` if no frame has the face; with K given and fewer faces, it says how many were found.
-    """
-    from .face.landmarks import LandmarkDetector, face_index_or_none
-
-    face_index = face_index_or_none(face_index)
-    max_faces = max(4, (face_index or 0) + 1)
-    with LandmarkDetector(max_num_faces=max_faces, face_index=face_index) as det:
-        lm = det.detect_sequence(frames, progress=progress)
-    if not lm.found.any() and face_index is not None and lm.num_faces is not None and lm.num_faces.max() > 0:
-        n = int(lm.num_faces.max())
-        raise FaceError(f"face index {face_index}: only {n} face{'s' if n > 1 else ''} found in the {len(lm)} "
-                        f"frame(s) of {source} (indices 0..{n - 1}, -1 = the largest)")
-    if not lm.found.any():
-        which = "a face" if face_index is None else f"face #{face_index} (largest first)"
-        raise FaceError(f"{source}: expected {which}, but mediapipe FaceMesh found none in any of its "
-                        f"{len(lm)} frame(s)")
-    return analyze_landmarks(lm, crop_size)
-
-
-def choose_reference_frame(analysis: FaceAnalysis, override: int | None = None) -> int:
-    """The template frame whose crop is the R-Align reference: the most open and most frontal mouth.
-
-    Score = (openness / max openness) * frontalness over frames with a face (open lips show the
-    teeth and inner mouth the generator copies; a frontal face aligns best with every frame).
-    ``override`` (e.g. --reference-frame) is checked and returned.
-    """
-    n = analysis.num_frames
-    if override is not None:
-        if not 0 <= int(override) < n:
-            raise InputError(f"reference frame {override}: expected 0 <= frame < {n} (template frames at 25 fps)")
-        if not analysis.found[int(override)]:
-            raise FaceError(f"reference frame {override}: no face was found in that template frame")
-        return int(override)
-    o = analysis.openness
-    top = np.nanmax(o)
-    score = (o / top if top > 0 else np.ones_like(o)) * analysis.frontalness
-    score = np.where(analysis.found, np.nan_to_num(score, nan=-1.0), -np.inf)
-    return int(np.argmax(score))
-
-
-def reference_landmark_sets(analysis: FaceAnalysis, n: int, box: str = "per_frame") -> np.ndarray:
-    """N reference full-face landmark sets (N, 131, 2), each in its own box frame (``box`` as
-    ``FaceAnalysis.points_box``), from frames spread over the range of lip openness (IP-LAP
-    inference_single.py:342-351, ``pick_spread``)."""
-    idx = topology.pick_spread(analysis.openness, n)
-    return analysis.points_box(idx, box)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,13 +300,6 @@ def encode_reference(model: LoadedModel, crop: np.ndarray) -> Any:
     with model.autocast():
         z_r = model.model.encode(crops_to_tensor(crop[None], model.device))  # (1, C, h, w)
         return model.model.prepare_reference(z_r)
-
-
-# kind -> (crops, landmarks, reference, ...) -> latents. The IP-LAP renderer plugs in here.
-_RENDERERS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor | None]]] = {
-    "talkformer": sample_latents,
-    "iplap": lambda model, *a, **k: model.model.encode(),  # IPLAPModel: a clear "no diffusion stage" error
-}
 
 
 def _iplap_frame_renderer() -> Any:

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .pixels import to_pixels, to_signed
 
 GENERATOR = "TalkFormer"
 PAYLOAD_LENGTH = 32  # rivaGan's only payload size
@@ -115,7 +116,7 @@ class Watermarker:
 
     # ---- whole images (any size: resized to size x size) -------------------------------------
     def _net_input(self, rgb_square: np.ndarray) -> np.ndarray:
-        bgr = rgb_square[..., ::-1].astype(np.float32) / 127.5 - 1.0  # (S, S, 3) in [-1, 1]
+        bgr = to_signed(rgb_square[..., ::-1])  # (S, S, 3) in [-1, 1]
         return np.ascontiguousarray(bgr.transpose(2, 0, 1)[None, :, None])  # (1, 3, 1, S, S)
 
     def residual(self, image: np.ndarray) -> np.ndarray:
@@ -140,7 +141,7 @@ class Watermarker:
                                        "data": np.repeat(self.bits[None].astype(np.float32), len(chunk), 0)})[0]
             for im, x, o in zip(chunk, small, enc):
                 h, w = im.shape[:2]
-                marked = (np.clip(o[:, 0].transpose(1, 2, 0), -1.0, 1.0)[..., ::-1] + 1.0) * 127.5  # RGB
+                marked = to_pixels(o[:, 0].transpose(1, 2, 0)[..., ::-1], as_uint8=False)  # RGB, 0..255 floats
                 res = (marked - x) * self.strength  # (S, S, 3)
                 shrink = h * w < S * S
                 out.append(cv2.resize(res, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR))
@@ -277,23 +278,3 @@ def bit_accuracy(bits: np.ndarray, expected: np.ndarray | None = None) -> float:
 def false_match_probability(correct: int, n: int = PAYLOAD_LENGTH) -> float:
     """P(at least ``correct`` of n bits agree by chance) for an unmarked video (fair coin bits)."""
     return sum(math.comb(n, k) for k in range(correct, n + 1)) / 2.0 ** n
-
-
-def mark_file(src: Any, dst: Any, watermark: bool | None = None, credentials: Any = None) -> bool:
-    """Give an existing video file the file-level marks: copy its streams (no re-encode) into the
-    mp4 ``dst`` with the generator tag, and sign C2PA ``credentials`` (content_credentials.
-    Credentials) into it. ``watermark``: what the tag says about the frames; None = look (the
-    face track over 25 frames from the middle, 8 face regions decoded and voted, as detect.py
-    does), so the tag only claims a watermark that is there. Returns what the tag says.
-    Atomic: on any error nothing is left at ``dst``."""
-    from .video import remux
-
-    if watermark is None:
-        from .detect import detect_file
-
-        watermark = detect_file(src, frames=8, track_frames=25, c2pa=False).watermark_found
-    from pathlib import Path
-
-    sign = credentials.finalizer(Path(dst).name) if credentials is not None else None
-    remux(src, dst, {"comment": generator_tag(bool(watermark))}, finalize=sign)
-    return bool(watermark)

@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from .errors import InputError
-
-if TYPE_CHECKING:
-    from .pipeline import LoadedModel
+from .loaded_model import LoadedModel
+from .pixels import mask_lower_face, to_pixels, to_signed
 
 StepCallback = Callable[[int, int], None]
 
@@ -55,16 +54,15 @@ WARMUP_CLIPS = 2
 def crops_to_tensor(crops: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
     x = torch.as_tensor(np.ascontiguousarray(crops), device=device)
-    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return to_signed(x.permute(0, 3, 1, 2))
 
 
 def tensor_to_crops(x: torch.Tensor) -> np.ndarray:
     """float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
-    y = ((x.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return y.permute(0, 2, 3, 1).cpu().numpy()
+    return to_pixels(x).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def initial_noise(model: "LoadedModel", seed: int) -> torch.Tensor:
+def initial_noise(model: LoadedModel, seed: int) -> torch.Tensor:
     """The clip's fixed x_T (1, C, h, w), drawn on the CPU from ``seed`` (the same on every device)."""
     m = model.config.model
     g = torch.Generator().manual_seed(int(seed))
@@ -72,12 +70,12 @@ def initial_noise(model: "LoadedModel", seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode_latents(model: "LoadedModel", z: torch.Tensor) -> np.ndarray:
+def decode_latents(model: LoadedModel, z: torch.Tensor) -> np.ndarray:
     with _net_ctx(model):
         return tensor_to_crops(model.model.decode(_in(model, z)))
 
 
-def _fmt(model: "LoadedModel", x: torch.Tensor) -> torch.Tensor:
+def _fmt(model: LoadedModel, x: torch.Tensor) -> torch.Tensor:
     """x in channels_last when the model runs so (LoadedModel.channels_last), else untouched: the
     CPU path's convolutions see exactly the strides they always saw (its numbers stay bit-equal)."""
     return x.to(memory_format=torch.channels_last) if getattr(model, "channels_last", False) else x
@@ -108,7 +106,7 @@ class SpeedOptions:
     fused_encode: bool | None = None
 
 
-def apply_speed(model: "LoadedModel", options: SpeedOptions | None = None) -> "LoadedModel":
+def apply_speed(model: LoadedModel, options: SpeedOptions | None = None) -> LoadedModel:
     """Set up ``model`` for speed once (idempotent per option set); returns it."""
     o = options or SpeedOptions()
     cuda = model.device.type == "cuda"
@@ -156,7 +154,7 @@ def _safe_compile(module: torch.nn.Module) -> Callable:
     return call
 
 
-def _net_ctx(model: "LoadedModel"):
+def _net_ctx(model: LoadedModel):
     """The context the stage-2 networks run in: autocast, or none when their weights are already
     in the compute dtype (SpeedOptions.half_weights)."""
     import contextlib
@@ -164,7 +162,7 @@ def _net_ctx(model: "LoadedModel"):
     return contextlib.nullcontext() if getattr(model, "half_weights", False) else model.autocast()
 
 
-def _in(model: "LoadedModel", x: torch.Tensor) -> torch.Tensor:
+def _in(model: LoadedModel, x: torch.Tensor) -> torch.Tensor:
     """A network input: the weights' dtype when they are half, the memory format when channels_last."""
     if getattr(model, "half_weights", False):
         x = x.to(model.dtype)
@@ -174,7 +172,7 @@ def _in(model: "LoadedModel", x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # batch size from free device memory
 
-def frame_bytes(model: "LoadedModel") -> int:
+def frame_bytes(model: LoadedModel) -> int:
     """Peak activation bytes one frame needs in a sampler run (an upper estimate from the config).
 
     The autoencoder dominates at full resolution (encoder and decoder hold ~6 maps of ch x S x S
@@ -197,7 +195,7 @@ def frame_bytes(model: "LoadedModel") -> int:
     return int(4 * (ae_values + unet_values + attn_values))
 
 
-def auto_batch_size(model: "LoadedModel", free_bytes: int | None = None, fraction: float = 0.5,
+def auto_batch_size(model: LoadedModel, free_bytes: int | None = None, fraction: float = 0.5,
                     cap: int = 256) -> int:
     """Frames per sampler run: ``CPU_BATCH`` on the CPU (its recorded numbers), else the largest
     batch whose estimated activations (``frame_bytes``) fit ``fraction`` of the device's free
@@ -216,15 +214,14 @@ def auto_batch_size(model: "LoadedModel", free_bytes: int | None = None, fractio
 # ----------------------------------------------------------------------------------------------
 # one sampler run over a batch of frames (the serial Temp-Att chain lives here too)
 
-def _encode_known(model: "LoadedModel", crops: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode_known(model: LoadedModel, crops: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (E(masked crop), E(crop)) fp32 (B, C, h, w): the sampler's fixed upper half and the
     decoder's upper half (see ``sample_latents``)."""
     tf = model.model
     with _net_ctx(model):
         x_crops = _in(model, crops_to_tensor(crops, model.device))
         if getattr(model, "fused_encode", False):  # one encoder pass of 2B crops: a fuller GPU batch
-            masked = x_crops.clone()
-            masked[:, :, x_crops.shape[2] // 2:] = -1.0  # as TalkFormer.encode_masked
+            masked = mask_lower_face(x_crops)  # as TalkFormer.encode_masked
             known, upper = tf.encode(torch.cat([masked, x_crops])).float().chunk(2)
             return known.contiguous(), upper.contiguous()
         known = tf.encode_masked(x_crops).float()  # (B, C, h, w)
@@ -232,7 +229,7 @@ def _encode_known(model: "LoadedModel", crops: np.ndarray) -> tuple[torch.Tensor
     return known, upper  # strides as the encoder made them: the CPU numbers depend on them
 
 
-def _model_fn(model: "LoadedModel", lc: Any, reference: Any, mc: Any = None, num_frames: int = 1):
+def _model_fn(model: LoadedModel, lc: Any, reference: Any, mc: Any = None, num_frames: int = 1):
     unet = getattr(model, "compiled_unet", None) or model.model.unet
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -243,7 +240,7 @@ def _model_fn(model: "LoadedModel", lc: Any, reference: Any, mc: Any = None, num
 
 
 @torch.no_grad()
-def sample_latents(model: "LoadedModel", crops: np.ndarray, landmarks_crop: np.ndarray, reference: Any,
+def sample_latents(model: LoadedModel, crops: np.ndarray, landmarks_crop: np.ndarray, reference: Any,
                    steps: int, sampler: str, noise: torch.Tensor, eta: float,
                    step_callback: StepCallback | None, generator: torch.Generator | None,
                    motion: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -272,6 +269,14 @@ def sample_latents(model: "LoadedModel", crops: np.ndarray, landmarks_crop: np.n
     while not chain.done:
         runner.advance([chain])
     return chain.latents(), chain.motion
+
+
+# kind -> (crops, landmarks, reference, ...) -> latents: what FaceSampler runs per batch without
+# temporal attention. The IP-LAP renderer plugs in here.
+_RENDERERS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor | None]]] = {
+    "talkformer": sample_latents,
+    "iplap": lambda model, *a, **k: model.model.encode(),  # IPLAPModel: a clear "no diffusion stage" error
+}
 
 
 def _run_independent(model, known, upper, lms, reference, steps, sampler, noise, eta, step_callback, generator):
@@ -394,7 +399,7 @@ class FaceSampler:
     ``speed``: SpeedOptions (default: automatic, i.e. on for CUDA; nothing changes on the CPU).
     """
 
-    def __init__(self, model: "LoadedModel", reference: Any, *, steps: int = 25, sampler: str = "ddim",
+    def __init__(self, model: LoadedModel, reference: Any, *, steps: int = 25, sampler: str = "ddim",
                  seed: int = 0, eta: float = 0.0, noise: torch.Tensor | None = None,
                  batch_size: int | None = None, segment: int | None = None, overlap: int | None = None,
                  crossfade: bool = False, step_callback: StepCallback | None = None,
@@ -516,8 +521,6 @@ class FaceSampler:
                 if on_faces is not None:
                     on_faces(b0, out[-1])
             return np.concatenate(out)
-        from .pipeline import _RENDERERS  # kind -> latents (IP-LAP: a clear "no diffusion stage" error)
-
         render = _RENDERERS[model.kind]
         for b0 in range(0, T, bs):
             z, _ = render(model, crops[b0:b0 + bs], landmarks_crop[b0:b0 + bs], self.reference, self.steps,

@@ -17,14 +17,14 @@ from pathlib import Path
 
 from .errors import TalkFormerError
 
-LENGTH_MODES = ("pingpong", "loop", "trim")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .diffusion.samplers import SAMPLERS
-    from .sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
-
     from .clitools import parser
+    from .diffusion.samplers import SAMPLERS
+    from .loaded_model import DTYPE_CHOICES
+    from .sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
+    from .video import PLAN_MODES
 
     ap = parser("sync", "Lip-sync a template video (or one image) to an audio track.")
     ap.add_argument("--video", required=True, help="template video, or a single image (png/jpg)")
@@ -44,14 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--face-index", type=int, default=-1,
                     help="which face when there are several, counting from 0 by size: 0 = the largest, "
                          "1 = the second largest, ...; -1 = the largest")
-    ap.add_argument("--length-mode", default="pingpong", choices=LENGTH_MODES,
+    ap.add_argument("--length-mode", default="pingpong", choices=PLAN_MODES,
                     help="audio longer than the video: pingpong / loop the video; trim: the shorter wins")
     ap.add_argument("--feather", type=int, default=None,
                     help="blend feather in crop pixels (default: from the crop size)")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="frames denoised together (default: from free device memory; 8 on the CPU)")
     ap.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps")
-    ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+    ap.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                     help="compute dtype (auto: fp32 on CPU, bf16/fp16 on GPU)")
     ap.add_argument("--vae", default=None, help="external VAE (.safetensors) for a checkpoint that names one")
     ap.add_argument("--no-watermark", action="store_true",

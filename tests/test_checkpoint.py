@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from talkformer_core.config import AutoencoderConfig, tiny
-from talkformer_core.errors import CheckpointError
+from talkformer_core.errors import CheckpointError, VAEMismatchError
 from talkformer_core.models.autoencoder import AutoencoderKL
 from talkformer_core.models.checkpoint import (capture_rng_state, checkpoint_config, checkpoint_kind,
                                                config_differences, external_vae_spec, load_model_state,
@@ -155,7 +155,8 @@ def test_external_vae(tmp_path):
     with pytest.raises(CheckpointError) as e:
         resolve_external_vae(meta, None, checkpoint_path=ck)
     assert spec["sha256"] in str(e.value) and "3 latent channels" in str(e.value) and "m.safetensors" in str(e.value)
-    with pytest.raises(CheckpointError) as e:
+    assert not isinstance(e.value, VAEMismatchError)  # no VAE given: not a mismatch
+    with pytest.raises(VAEMismatchError) as e:  # a CheckpointError the loader node can tell apart
         resolve_external_vae(meta, tmp_path / "other_vae.safetensors", checkpoint_path=ck)
     msg = str(e.value)
     assert "other_vae.safetensors" in msg and "m.safetensors" in msg and spec["sha256"] in msg

@@ -15,6 +15,7 @@ import pytest
 
 from pipeline_helpers import save_tiny_checkpoint, synthetic_clip, write_video, write_wav
 from talkformer_core import content_credentials as cc
+from talkformer_core import detect
 from talkformer_core import provenance as pv
 from talkformer_core.errors import InputError
 
@@ -226,7 +227,7 @@ def test_comfyui_save_video_keeps_the_tag_and_drops_c2pa(tmp_path, chain, small_
     from talkformer_core.detect import read_tags
 
     marked = tmp_path / "marked.mp4"
-    pv.mark_file(small_mp4, marked, watermark=False, credentials=cc.load_credentials(chain["chain"], chain["key"]))
+    detect.mark_file(small_mp4, marked, watermark=False, credentials=cc.load_credentials(chain["chain"], chain["key"]))
     assert cc.read_credentials(marked).status == "valid"
     saved = tmp_path / "saved.mp4"
     VideoFromFile(str(marked)).save_to(str(saved), metadata={"prompt": {"1": {"class_type": "SaveVideo"}}})

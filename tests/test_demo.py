@@ -1,5 +1,6 @@
 """The README's main job: the demo runs offline end to end and writes what it says."""
 
+import numpy as np
 import pytest
 
 from talkformer_core import demo
@@ -16,6 +17,22 @@ def test_demo_main_job_writes_preview_and_lipsync(tmp_path, capsys):
     assert prev.width == 2 * prev.height and prev.has_audio and abs(prev.num_frames - 100) <= 1
     sync = probe_video(tmp_path / "lipsync.mp4")
     assert sync.has_audio and abs(sync.num_frames - 100) <= 1  # 4 s of new speech at 25 fps
+    # the generated mouth follows the new speech: the lip openness measured on the output (the face
+    # tracker's, as on any video) against the speech's true opening (data.synthetic's trajectory of
+    # its phonemes). Measured: r = 0.57 (and 0.58 one frame later); the template's own mouth, which
+    # speaks other words, gives r = 0.01 against the same truth. 0.35 is over three standard errors
+    # of a chance correlation at 100 frames (1 / sqrt(100) = 0.1) and well under what the demo does.
+    from talkformer_core import pipeline
+    from talkformer_core.data.synthetic import mouth_trajectory
+    from talkformer_core.video import iter_frames
+
+    seq, _ = demo.new_speech()
+    truth, _ = mouth_trajectory(seq, 100, 25.0)
+    measured = pipeline.analyze_frames(iter_frames(tmp_path / "lipsync.mp4", 25.0), 256).openness
+    n = min(len(measured), len(truth))
+    found = np.isfinite(measured[:n])
+    assert found.mean() > 0.9
+    assert np.corrcoef(measured[:n][found], truth[:n][found])[0, 1] > 0.35
 
 
 def test_demo_reports_a_missing_video_cleanly(tmp_path, capsys):

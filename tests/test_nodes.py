@@ -223,6 +223,27 @@ def test_blend_face(track, images):
 # ---------------------------------------------------------------------------------------------
 # model nodes (need talkformer_core.pipeline)
 
+def test_loader_names_fp32_vae_when_the_vae_input_is_half_precision(tmp_path):
+    """A checkpoint that names its external VAE by hash, given that VAE through the VAE input: it
+    loads in fp32; held in bf16 (ComfyUI's default for VAEs on many GPUs) its hash differs, and the
+    error (a VAEMismatchError) says to start ComfyUI with --fp32-vae."""
+    from pipeline_helpers import save_tiny_checkpoint, tiny_model
+
+    from talkformer_core.errors import VAEMismatchError
+
+    ck = save_tiny_checkpoint(tmp_path / "ext.safetensors", external_vae=tmp_path / "vae.safetensors")
+    _, m = tiny_model(0)  # the same seed: the same autoencoder weights
+
+    class VAE:  # what _vae_state_dict reads from ComfyUI's VAE object
+        first_stage_model = m.autoencoder
+
+    (loaded,) = node("TalkFormerModelLoader").load(str(ck), "fp32", vae=VAE())
+    assert loaded.image_size == 32
+    VAE.first_stage_model = m.autoencoder.to(torch.bfloat16)
+    with pytest.raises(VAEMismatchError, match="--fp32-vae"):
+        node("TalkFormerModelLoader").load(str(ck), "fp32", vae=VAE())
+
+
 def test_model_chain(checkpoint, images, audio, track):
     from talkformer_core.errors import FaceError, InputError
 
@@ -255,6 +276,25 @@ def test_model_chain(checkpoint, images, audio, track):
     assert torch.equal(a, b) and not torch.equal(a, c)
     (d,) = sampler.sample(model, images, analysis, lms, ref_img, steps=2, sampler="dpmpp_2m", seed=1, eta=0.0)
     assert d.shape == a.shape
+    # the reference image is what R-Align reads. An untrained checkpoint's zero-initialised output
+    # projections make R-Align add exactly zero, so a second copy gets weights there first; then two
+    # reference images give different mouths, with the same seed, and the change is in the lower
+    # (generated) half, not the upper half (the frame's own, kept)
+    (live,) = node("TalkFormerModelLoader").load(str(checkpoint), "fp32")
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for prm in live.load().model.parameters():
+            if not prm.any():
+                prm.copy_(torch.randn(prm.shape, generator=g) * 0.1)
+    enc = node("TalkFormerEncodeReference")
+    outs = [sampler.sample(live, images, analysis, lms, enc.encode(live, analysis, images, 0, reference_image=im)[0],
+                           steps=2, sampler="ddim", seed=1, eta=0.0)[0] for im in (images[3:4], images[3:4], images[-1:])]
+    assert torch.equal(outs[0], outs[1])  # the same reference image: the same faces
+    diff = (outs[0] - outs[2]).abs()  # (T, 32, 32, 3)
+    upper, lower = float(diff[:, :12].mean()), float(diff[:, 16:].mean())
+    # measured: mean change 0.0045 in the lower half (about 1.2 levels of 255),
+    # 0.0005 in the upper half (the decoder's spread across the middle rows)
+    assert lower > 0.002 and lower > 4 * upper, (lower, upper)
     (out,) = node("TalkFormerBlendFace").blend(images, a, analysis, -1)
     assert out.shape == images.shape
 

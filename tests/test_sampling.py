@@ -378,7 +378,7 @@ def test_default_sampler_is_the_measured_one_everywhere():
     assert (P.SyncOptions().sampler, P.SyncOptions().steps) == (S.DEFAULT_SAMPLER, S.DEFAULT_STEPS)
     a = build_parser().parse_args(["--video", "v", "--audio", "a", "--checkpoint", "c", "--out", "o.mp4"])
     assert (a.sampler, a.steps) == (S.DEFAULT_SAMPLER, S.DEFAULT_STEPS)
-    # the Sampler node repeats them (its input list renders without torch)
+    # the Sampler node repeats them for its functions' signatures (it imports the core inside functions)
     src = (Path(__file__).resolve().parents[1] / "nodes" / "generate_nodes.py").read_text()
     assert f'DEFAULT_SAMPLER, DEFAULT_STEPS = "{S.DEFAULT_SAMPLER}", {S.DEFAULT_STEPS}' in src
 

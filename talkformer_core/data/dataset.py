@@ -48,6 +48,7 @@ from torch.utils.data import Dataset
 from ..config import TalkFormerConfig
 from ..errors import InputError
 from ..face import topology
+from ..pixels import mask_lower_face, to_signed
 
 SHARD_KEYS = ("crops", "points131_box", "points131_crop", "crop_boxes", "landmark_boxes", "found", "mels")
 
@@ -101,8 +102,7 @@ def stage1_box_frame(d: dict[str, np.ndarray], lo: int = 0, hi: int | None = Non
 
 def _to_image(x: np.ndarray) -> torch.Tensor:
     """uint8 (..., S, S, 3) -> float (..., 3, S, S) in [-1, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(x)).float().div_(127.5).sub_(1.0)
-    return t.movedim(-1, -3)
+    return to_signed(torch.from_numpy(np.ascontiguousarray(x))).movedim(-1, -3)
 
 
 class TalkingFaceDataset(Dataset):
@@ -174,7 +174,7 @@ class TalkingFaceDataset(Dataset):
         ci, s = self.windows[index]
         clip = self.clips[ci]
         d = self.clip_arrays(ci)
-        L, N, S = self.L, self.N, self.S
+        L, N = self.L, self.N
         win = np.arange(s, s + L)
         cand = np.arange(clip.lo, clip.hi)
         cand = cand[clip.found[clip.lo:clip.hi] & ((cand < s) | (cand >= s + L))]  # found, outside
@@ -189,8 +189,7 @@ class TalkingFaceDataset(Dataset):
 
         if self.images:
             crops = _to_image(d["crops"][win])  # (L, 3, S, S)
-            masked = crops.clone()
-            masked[:, :, S // 2:] = -1.0
+            masked = mask_lower_face(crops)
             reference = _to_image(d["crops"][ref_frame])  # (3, S, S)
         else:
             crops = masked = torch.zeros(L, 0)

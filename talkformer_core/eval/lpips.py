@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..pixels import to_signed
 from .weights import load_into, load_state_dict_file
 
 # (torchvision features index of the last module of each tap, channels per tap)
@@ -114,8 +115,7 @@ class LPIPS(nn.Module):
         for s in range(0, len(a), batch):
             x0 = torch.from_numpy(np.ascontiguousarray(a[s:s + batch])).to(p.device).permute(0, 3, 1, 2)
             x1 = torch.from_numpy(np.ascontiguousarray(b[s:s + batch])).to(p.device).permute(0, 3, 1, 2)
-            x0 = x0.to(p.dtype) / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
-            x1 = x1.to(p.dtype) / 127.5 - 1.0
+            x0, x1 = to_signed(x0, p.dtype), to_signed(x1, p.dtype)  # (B, 3, H, W) in [-1, 1]
             out.append(self(x0, x1).double().cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0)
 

@@ -15,13 +15,12 @@ Differences from LDM that do not touch the weights: the mid-block ("vanilla") at
 through ``F.scaled_dot_product_attention``; GroupNorm uses 32 groups as LDM does, except that a
 channel count not divisible by 32 (tiny test configs only) uses gcd(32, C) groups; a VAE file whose
 attention q/k/v/proj_out weights are stored 2-D (C, C) (some converted SD VAEs) is read as
-(C, C, 1, 1).
+(C, C, 1, 1) (by checkpoint.read_vae_file / normalize_vae_state_dict, which also hash the external VAE).
 """
 from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -30,7 +29,9 @@ from torch import nn
 
 from ..config import AutoencoderConfig
 from ..errors import CheckpointError
-from .checkpoint import load_safetensors, safetensors_keys, state_dict_sha256  # noqa: F401 (re-export)
+# reading VAE weights (a file's first stage, normalised) is checkpoint.py's: re-exported for callers
+from .checkpoint import (load_safetensors, normalize_vae_state_dict, read_vae_file,  # noqa: F401
+                         safetensors_keys, state_dict_sha256)
 
 SD_SCALE_FACTOR = 0.18215  # Stable Diffusion 1.x/2.x latent scale (1 / std of its latents)
 
@@ -312,48 +313,3 @@ class AutoencoderKL(nn.Module):
         model.load_ldm_state_dict(read_vae_file(path), strict=strict, source=path)
         return model.to(device=device, dtype=dtype).eval()
 
-
-# ----------------------------------------------------------------------------------------------
-# Reading VAE weights
-
-_PREFIX = "first_stage_model."
-_OWN = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
-_ATTN_1X1 = (".q.weight", ".k.weight", ".v.weight", ".proj_out.weight")
-
-
-def _vae_keys(keys, source) -> list[str]:
-    """Which keys of a file/state dict are the first stage (in the file's own naming)."""
-    keys = list(keys)
-    if any(k.startswith(_PREFIX) for k in keys):  # full SD / LDM checkpoint: take the first stage only
-        keys = [k for k in keys if k.startswith(_PREFIX)]
-    # LDM training checkpoints also hold the loss (LPIPS, discriminator) and EMA bookkeeping
-    sel = [k for k in keys if not k.removeprefix(_PREFIX).startswith(("loss.", "model_ema."))]
-    if any(".down_blocks." in k or ".up_blocks." in k or k.startswith("encoder.down_blocks") for k in sel):
-        raise CheckpointError(f"{source or 'state dict'}: this VAE is in the diffusers key layout "
-                              f"(down_blocks/up_blocks); expected the LDM layout (encoder.down.N.block.M...)")
-    return sel
-
-
-def normalize_vae_state_dict(sd: Mapping[str, torch.Tensor], source=None) -> dict[str, torch.Tensor]:
-    """LDM-layout first-stage weights without prefix: drop ``first_stage_model.``, ``loss.*`` and
-    (in a full checkpoint) every other module; 2-D attention 1x1 weights become (C, C, 1, 1)."""
-    out = {}
-    for k in _vae_keys(sd.keys(), source):
-        v = sd[k]
-        k = k.removeprefix(_PREFIX)
-        if v.ndim == 2 and k.endswith(_ATTN_1X1) and ".attn" in k:
-            v = v.reshape(*v.shape, 1, 1)
-        out[k] = v
-    return out
-
-
-def read_vae_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The first-stage weights of a safetensors file (VAE alone or a full SD/LDM checkpoint),
-    normalised as ``normalize_vae_state_dict``; only those tensors are read from disk."""
-    p = Path(path)
-    keys = _vae_keys(safetensors_keys(p), p)  # header only; pickles refused here
-    if not keys:
-        raise CheckpointError(f"{p}: contains no autoencoder weights (expected LDM keys encoder.*, "
-                              f"decoder.*, quant_conv.*, post_quant_conv.*, optionally under "
-                              f"{_PREFIX!r})")
-    return normalize_vae_state_dict(load_safetensors(p, keys), p)

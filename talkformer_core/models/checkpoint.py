@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..config import AutoencoderConfig, TalkFormerConfig, _from_dict
-from ..errors import CheckpointError
+from ..errors import CheckpointError, VAEMismatchError
 
 FORMAT = "talkformer"
 FORMAT_VERSION = "1"
@@ -163,14 +163,57 @@ def _gather_tensors(modules: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# Reading VAE weights (a VAE file or a full SD / LDM checkpoint; the external VAE is hashed on these)
+
+_PREFIX = "first_stage_model."
+_ATTN_1X1 = (".q.weight", ".k.weight", ".v.weight", ".proj_out.weight")
+
+
+def _vae_keys(keys, source) -> list[str]:
+    """Which keys of a file/state dict are the first stage (in the file's own naming)."""
+    keys = list(keys)
+    if any(k.startswith(_PREFIX) for k in keys):  # full SD / LDM checkpoint: take the first stage only
+        keys = [k for k in keys if k.startswith(_PREFIX)]
+    # LDM training checkpoints also hold the loss (LPIPS, discriminator) and EMA bookkeeping
+    sel = [k for k in keys if not k.removeprefix(_PREFIX).startswith(("loss.", "model_ema."))]
+    if any(".down_blocks." in k or ".up_blocks." in k or k.startswith("encoder.down_blocks") for k in sel):
+        raise CheckpointError(f"{source or 'state dict'}: this VAE is in the diffusers key layout "
+                              f"(down_blocks/up_blocks); expected the LDM layout (encoder.down.N.block.M...)")
+    return sel
+
+
+def normalize_vae_state_dict(sd: Mapping[str, torch.Tensor], source=None) -> dict[str, torch.Tensor]:
+    """LDM-layout first-stage weights without prefix: drop ``first_stage_model.``, ``loss.*`` and
+    (in a full checkpoint) every other module; 2-D attention 1x1 weights become (C, C, 1, 1)."""
+    out = {}
+    for k in _vae_keys(sd.keys(), source):
+        v = sd[k]
+        k = k.removeprefix(_PREFIX)
+        if v.ndim == 2 and k.endswith(_ATTN_1X1) and ".attn" in k:
+            v = v.reshape(*v.shape, 1, 1)
+        out[k] = v
+    return out
+
+
+def read_vae_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The first-stage weights of a safetensors file (VAE alone or a full SD/LDM checkpoint),
+    normalised as ``normalize_vae_state_dict``; only those tensors are read from disk."""
+    p = Path(path)
+    keys = _vae_keys(safetensors_keys(p), p)  # header only; pickles refused here
+    if not keys:
+        raise CheckpointError(f"{p}: contains no autoencoder weights (expected LDM keys encoder.*, "
+                              f"decoder.*, quant_conv.*, post_quant_conv.*, optionally under "
+                              f"{_PREFIX!r})")
+    return normalize_vae_state_dict(load_safetensors(p, keys), p)
+
+
 def external_vae_spec(vae: str | os.PathLike | Mapping[str, torch.Tensor],
                       config: AutoencoderConfig) -> dict[str, Any]:
     """The ``external_vae`` dict for save_checkpoint: {config, scale_factor, sha256}.
 
     ``vae`` is the VAE's safetensors file or its state dict (LDM layout, any prefix).
     """
-    from .autoencoder import normalize_vae_state_dict, read_vae_file
-
     sd = read_vae_file(vae) if isinstance(vae, (str, os.PathLike)) else normalize_vae_state_dict(vae)
     return {"config": dataclasses.asdict(config), "scale_factor": float(config.scale_factor),
             "sha256": state_dict_sha256(sd)}
@@ -379,8 +422,6 @@ def resolve_external_vae(meta: Mapping[str, str], vae_path: str | os.PathLike | 
     ignored with a warning), else the verified VAE. ``vae_path`` may also be the VAE's state dict
     (LDM layout, e.g. ComfyUI's ``vae.first_stage_model.state_dict()``). Errors say which VAE (hash, config) is needed.
     """
-    from .autoencoder import read_vae_file
-
     ck = checkpoint_path or "checkpoint"
     rec = external_vae_record(meta)
     if rec is None:
@@ -395,15 +436,13 @@ def resolve_external_vae(meta: Mapping[str, str], vae_path: str | os.PathLike | 
         raise CheckpointError(f"{ck} does not contain its autoencoder; it needs {need}. Give it as "
                               f"--vae (CLI) or the loader node's VAE input.")
     if isinstance(vae_path, Mapping):  # a state dict already in memory (ComfyUI's VAE input)
-        from .autoencoder import normalize_vae_state_dict
-
         sd = normalize_vae_state_dict(vae_path, "the VAE input")
         vae_path = "the VAE input"
     else:
         sd = read_vae_file(vae_path)
     got = state_dict_sha256(sd)
     if got != rec["sha256"]:
-        raise CheckpointError(f"the VAE {vae_path} (sha256 {got}) is not the one {ck} was trained "
+        raise VAEMismatchError(f"the VAE {vae_path} (sha256 {got}) is not the one {ck} was trained "
                               f"with; it needs {need}")
     return ExternalVAE(Path(vae_path), cfg, float(rec["scale_factor"]), got, sd)
 

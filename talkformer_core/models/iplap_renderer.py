@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InputError
+from ..pixels import mask_lower_face
 
 N_TARGET_SKETCHES = 5  # T: the window of target frames whose sketches condition both nets
 IMAGE_SIZE = 128
@@ -327,7 +328,7 @@ class IPLAPRenderer(nn.Module):
         chunk = 1 if self.training else self.ref_chunk
         warped_h1, warped_h2, warped_ref = self.flow_module(ref_N_frame_img, ref_N_frame_sketch, target_sketches, chunk)
         face = face_frame_img[:, 0]  # (B, 3, H, W)
-        masked = torch.cat([face[:, :, : face.shape[2] // 2], torch.zeros_like(face[:, :, face.shape[2] // 2:])], dim=2)
+        masked = mask_lower_face(face, black=0.0)  # images in [0, 1]: black is 0
         x = torch.cat([masked, target_sketches.flatten(1, 2)], dim=1)  # (B, 3 + 15, H, W), vr.py:354-361
         generated = self.translation(x, warped_ref, warped_h1, warped_h2, audio_mels[:, 0])
         return generated, warped_ref

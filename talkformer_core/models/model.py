@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import TalkFormerConfig, preset
+from ..pixels import mask_lower_face
 from .appearance import AppearanceEncoder
 from .autoencoder import AutoencoderKL
 from .landmark_completion import LandmarkCompletion
@@ -53,9 +54,7 @@ class TalkFormer(nn.Module):
 
         Its upper latent half [:h//2] is the known context in training and sampling alike.
         """
-        masked = crops.clone()
-        masked[:, :, crops.shape[2] // 2:] = -1.0
-        return self.encode(masked)
+        return self.encode(mask_lower_face(crops))
 
     @staticmethod
     def known_mask(h: int, w: int, device: torch.device | str | None = None,

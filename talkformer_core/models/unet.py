@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Union
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +37,6 @@ from ..errors import InputError
 from ..face.topology import JAW_POS, LIP_POS
 from .talkformer import (KV, NUM_LANDMARKS, LandmarkEmbedding, LandmarkMLP, TalkFormerBlock,
                          group_norm, zero_module)
-
-if TYPE_CHECKING:
-    from .appearance import AppearanceEncoder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,7 +191,7 @@ class MotionCache:
 class TalkFormerUNet(nn.Module):
     """epsilon_theta(z_t, t, landmarks, reference[, motion]) (paper eq. 1)."""
 
-    def __init__(self, cfg: ModelConfig, appearance: "AppearanceEncoder | None" = None):
+    def __init__(self, cfg: ModelConfig, appearance: nn.Module | None = None):
         super().__init__()
         u = cfg.unet
         if len(u.channel_mult) < 2:
@@ -206,7 +203,9 @@ class TalkFormerUNet(nn.Module):
         mc = u.model_channels
         emb_ch = 4 * mc
         # the appearance encoder is a sibling in TalkFormer (state-dict key "appearance.*"); kept
-        # here unregistered so that z_r can be passed straight to prepare_reference / forward
+        # here unregistered so that z_r can be passed straight to prepare_reference / forward. Any
+        # module with ``features(z_r) -> AppearanceFeatures`` (appearance.AppearanceEncoder, which is
+        # built from this module's blocks: it imports us, so we do not name its type)
         self.__dict__["appearance"] = appearance
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
