@@ -28,6 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # pipeline_helpers: the IP-LAP fixture
 THREADS = 1
 SYNC_CLIP = ROOT.parent / "shared" / "media" / "videoretalking_face_5.mp4"
 DEFAULT_FILE = ROOT / ".bench" / "frame_hashes.json"
@@ -62,30 +63,14 @@ def run_sync(tmp: Path) -> Path:
 
 
 def run_iplap(tmp: Path) -> Path:
+    from pipeline_helpers import iplap_nets, iplap_training_format
     from talkformer_core import pipeline
-    from talkformer_core.config import LandmarkConfig
     from talkformer_core.convert import convert_iplap
     from talkformer_core.data import synthetic
-    from talkformer_core.models.iplap_renderer import IPLAPRenderer
-    from talkformer_core.models.landmark_completion import LandmarkCompletion
 
-    torch.manual_seed(0)
-    lg, rd = LandmarkCompletion(LandmarkConfig()), IPLAPRenderer()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in (lg, rd):
-            for k, v in m.state_dict().items():
-                if k.endswith("running_mean"):
-                    v.copy_(0.1 * torch.randn(v.shape, generator=g))
-                elif k.endswith("running_var"):
-                    v.copy_(0.5 + torch.rand(v.shape, generator=g))
-
-    def training_format(sd: dict, prefix: str = "") -> dict:
-        return {"state_dict": {prefix + k: v for k, v in sd.items()}, "optimizer": {"state": {}, "param_groups": []},
-                "global_step": 100, "global_epoch": 2}
-
-    torch.save(training_format(lg.state_dict()), tmp / "lg.pth")
-    torch.save(training_format(rd.state_dict(), "module."), tmp / "rd.pth")
+    lg, rd = iplap_nets()
+    torch.save(iplap_training_format(lg.state_dict()), tmp / "lg.pth")
+    torch.save(iplap_training_format(rd.state_dict(), "module."), tmp / "rd.pth")
     ckpt = convert_iplap(tmp / "lg.pth", tmp / "iplap.safetensors", tmp / "rd.pth")
     clip = synthetic.make_clip(synthetic.load_photo("astronaut"), seed=3, duration=1.0, frame_size=256)
     path = synthetic.write_clip(clip, tmp / "clip.mp4")

@@ -1,5 +1,6 @@
-"""Shared by tests/test_pipeline.py, test_sync_cli.py, test_provenance.py: a tiny random-weight
-checkpoint and synthetic talking clips (scikit-image's astronaut) written as mp4."""
+"""Shared by tests/test_pipeline.py, test_sync_cli.py, test_provenance.py, test_iplap_pipeline.py and
+bench/frame_hashes.py: a tiny random-weight checkpoint, random-weight IP-LAP networks saved in IP-LAP's
+training format, and synthetic talking clips (scikit-image's astronaut) written as mp4."""
 from __future__ import annotations
 
 import functools
@@ -73,3 +74,31 @@ def outside_mask(shape_hw, boxes, margin: int = 2) -> np.ndarray:
     for x0, y0, s in boxes:
         m[max(int(np.floor(y0)) - g, 0):int(np.ceil(y0 + s)) + g, max(int(np.floor(x0)) - g, 0):int(np.ceil(x0 + s)) + g] = False
     return m
+
+
+def iplap_nets():
+    """IP-LAP's landmark generator and renderer (their layouts), random weights, seed 0, with the
+    BatchNorm statistics moved away from their defaults so loading them is checked."""
+    import torch
+
+    from talkformer_core.config import LandmarkConfig
+    from talkformer_core.models.iplap_renderer import IPLAPRenderer
+    from talkformer_core.models.landmark_completion import LandmarkCompletion
+
+    torch.manual_seed(0)
+    lg, rd = LandmarkCompletion(LandmarkConfig()), IPLAPRenderer()  # LandmarkConfig(): IP-LAP's layout
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in (lg, rd):
+            for k, v in m.state_dict().items():
+                if k.endswith("running_mean"):
+                    v.copy_(0.1 * torch.randn(v.shape, generator=g))
+                elif k.endswith("running_var"):
+                    v.copy_(0.5 + torch.rand(v.shape, generator=g))
+    return lg.eval(), rd.eval()
+
+
+def iplap_training_format(sd: dict, prefix: str = "") -> dict:
+    """IP-LAP's torch.save of {state_dict, optimizer, global_step, global_epoch} (train_*.py)."""
+    return {"state_dict": {prefix + k: v for k, v in sd.items()}, "optimizer": {"state": {}, "param_groups": []},
+            "global_step": 100, "global_epoch": 2}

@@ -22,6 +22,9 @@ from talkformer_core import iplap, iplap_pipeline as ip, pipeline
 from talkformer_core.errors import CheckpointError, InputError
 from talkformer_core.face import topology
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline_helpers import iplap_nets, iplap_training_format  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SR = 16000
 
@@ -32,27 +35,7 @@ SR = 16000
 
 @pytest.fixture(scope="module")
 def nets():
-    from talkformer_core.config import LandmarkConfig
-    from talkformer_core.models.iplap_renderer import IPLAPRenderer
-    from talkformer_core.models.landmark_completion import LandmarkCompletion
-
-    torch.manual_seed(0)
-    lg, rd = LandmarkCompletion(LandmarkConfig()), IPLAPRenderer()  # LandmarkConfig(): IP-LAP's layout
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # BatchNorm statistics away from their defaults, so loading them is checked
-        for m in (lg, rd):
-            for k, v in m.state_dict().items():
-                if k.endswith("running_mean"):
-                    v.copy_(0.1 * torch.randn(v.shape, generator=g))
-                elif k.endswith("running_var"):
-                    v.copy_(0.5 + torch.rand(v.shape, generator=g))
-    return lg.eval(), rd.eval()
-
-
-def _training_format(sd: dict, prefix: str = "") -> dict:
-    # IP-LAP's torch.save of {state_dict, optimizer, global_step, global_epoch} (train_*.py)
-    return {"state_dict": {prefix + k: v for k, v in sd.items()}, "optimizer": {"state": {}, "param_groups": []},
-            "global_step": 100, "global_epoch": 2}
+    return iplap_nets()
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +44,8 @@ def ckpt(tmp_path_factory, nets):
 
     d = tmp_path_factory.mktemp("iplap")
     lg, rd = nets
-    torch.save(_training_format(lg.state_dict()), d / "landmarkgenerator_checkpoint.pth")
-    torch.save(_training_format(rd.state_dict(), "module."), d / "renderer_checkpoint.pth")  # DataParallel
+    torch.save(iplap_training_format(lg.state_dict()), d / "landmarkgenerator_checkpoint.pth")
+    torch.save(iplap_training_format(rd.state_dict(), "module."), d / "renderer_checkpoint.pth")  # DataParallel
     full = convert_iplap(d / "landmarkgenerator_checkpoint.pth", d / "iplap.safetensors", d / "renderer_checkpoint.pth")
     lm_only = convert_iplap(d / "landmarkgenerator_checkpoint.pth", d / "iplap_lm.safetensors")
     return full, lm_only
