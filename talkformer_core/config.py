@@ -36,6 +36,16 @@ class AutoencoderConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
 
+SD_SCALE_FACTOR = 0.18215  # Stable Diffusion 1.x/2.x latent scale (1 / std of its latents)
+
+
+def sd_vae_config() -> AutoencoderConfig:
+    """Stable Diffusion 1.x/2.x VAE (vae-ft-mse etc.): f8, 4 latent channels, attention-free levels."""
+    return AutoencoderConfig(in_channels=3, out_ch=3, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2,
+                             attn_resolutions=(), dropout=0.0, resolution=256, z_channels=4, embed_dim=4,
+                             double_z=True, scale_factor=SD_SCALE_FACTOR)
+
+
 @dataclass
 class LandmarkConfig:
     """Landmark completion (paper §III-B), IP-LAP's ``Landmark_generator`` layout.
@@ -261,8 +271,6 @@ def person_config(crop_size: int = 64, *, full_landmarks: bool = False, vae: boo
     L = 5 frames; the U-Net is trained on the detected landmarks (w/o End2End, see below), the
     landmark module on its L1 loss alongside.
     """
-    from .models.autoencoder import sd_vae_config
-
     if vae:
         ae = sd_vae_config()
         ae.resolution = crop_size

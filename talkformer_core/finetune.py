@@ -52,7 +52,7 @@ import numpy as np
 
 from .config import (PRESET_NAMES, AutoencoderConfig, LandmarkConfig, ModelConfig, TalkFormerConfig,  # noqa: F401
                      TrainConfig, UNetConfig, gpu_person_config, person_config, preset as named_preset,
-                     resolve_preset)
+                     resolve_preset, sd_vae_config)
 from .errors import CheckpointError, FaceError, InputError, TalkFormerError, VideoError
 
 AE_SHARE = 0.3  # of the budget after preprocessing, when the autoencoder is trained on the clip
@@ -83,8 +83,6 @@ def finetune_config(name: str, *, full_landmarks: bool = False, vae: bool = Fals
     if name in ("small", "paper", "tiny"):
         cfg = named_preset(name)
         if vae:
-            from .models.autoencoder import sd_vae_config
-
             cfg.model.autoencoder = sd_vae_config()
             cfg.model.autoencoder.resolution = cfg.model.image_size
         return cfg

@@ -12,8 +12,9 @@ from safetensors.torch import save_file
 
 from talkformer_core.config import AutoencoderConfig
 from talkformer_core.errors import CheckpointError
-from talkformer_core.models.autoencoder import (AutoencoderKL, DiagonalGaussian, group_norm, kl_f4_config,
-                                                 read_vae_file, sd_vae_config, state_dict_sha256)
+from talkformer_core.config import sd_vae_config
+from talkformer_core.models.autoencoder import AutoencoderKL, DiagonalGaussian, group_norm, kl_f4_config
+from talkformer_core.models.checkpoint import read_vae_file, state_dict_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_LAYOUTS = ROOT.parent / "shared" / "reference" / "autoencoder_key_layouts.json"

@@ -74,11 +74,8 @@ def ldm_loss(model_fn: ModelFn, z0: torch.Tensor, context: torch.Tensor, schedul
         raise InputError(f"ldm_loss: model_fn returned shape {tuple(eps_pred.shape)}, expected "
                          f"{tuple(z0.shape)} (epsilon for z_t)")
     err = (eps_pred.float() - noise.float())[:, :, h // 2:, :] ** 2  # (B, C, h - h//2, w)
-    if weight is not None:
-        wgt = weight.to(err.dtype)
-        if valid is not None:
-            wgt = wgt * valid.to(err.dtype)
-        valid = wgt
+    if weight is not None:  # a weighted mean: the branch below serves both, as a float mask
+        valid = weight if valid is None else weight * valid
     if valid is None:
         loss_per_sample = err.mean(dim=(1, 2, 3))  # (B,)
         loss = err.mean()  # mean over the lower half's elements (equal-size samples: = mean of per-sample)

@@ -29,19 +29,7 @@ from torch import nn
 
 from ..config import AutoencoderConfig
 from ..errors import CheckpointError
-# reading VAE weights (a file's first stage, normalised) is checkpoint.py's: re-exported for callers
-from .checkpoint import (load_safetensors, normalize_vae_state_dict, read_vae_file,  # noqa: F401
-                         safetensors_keys, state_dict_sha256)
-
-SD_SCALE_FACTOR = 0.18215  # Stable Diffusion 1.x/2.x latent scale (1 / std of its latents)
-
-
-def sd_vae_config() -> AutoencoderConfig:
-    """Stable Diffusion 1.x/2.x VAE (vae-ft-mse etc.): f8, 4 latent channels, attention-free levels."""
-    return AutoencoderConfig(in_channels=3, out_ch=3, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2,
-                             attn_resolutions=(), dropout=0.0, resolution=256, z_channels=4, embed_dim=4,
-                             double_z=True, scale_factor=SD_SCALE_FACTOR)
-
+from .checkpoint import normalize_vae_state_dict, read_vae_file
 
 def kl_f4_config(scale_factor: float = 1.0) -> AutoencoderConfig:
     """latent-diffusion's KL-f4 (64x64x3 latent at 256x256), the paper's first stage.

@@ -627,7 +627,7 @@ def train(cfg: TalkFormerConfig | str, *, stage: str, data: str | Path, out: str
             if autoencoder is not None:
                 ae_state, cfg.model.autoencoder = load_autoencoder_file(autoencoder, cfg)
             elif vae is not None:
-                from ..models.autoencoder import read_vae_file
+                from ..models.checkpoint import read_vae_file
 
                 sd = read_vae_file(vae)
                 ae_state = {f"autoencoder.{k}": v for k, v in sd.items()}
