@@ -84,7 +84,7 @@ def test_tiny_finetune_interrupt_resume_and_report(videos, tmp_path):
         if stage == "talkformer" and step == 2:
             raise KeyboardInterrupt
 
-    kw = dict(budget_minutes=5.0, holdout=0.25, preset="tiny", steps=4, eval_every=2, sampler_steps=2,
+    kw = dict(budget_minutes=600.0, holdout=0.25, preset="tiny", steps=4, eval_every=2, sampler_steps=2,
               print_fn=None, tqdm_bar=False)
     with pytest.raises(KeyboardInterrupt):
         finetune(videos / "talk.mp4", out, progress=stop_at_2, **kw)
