@@ -94,6 +94,11 @@ class UNetConfig:
     # placed the mouth where the upper face implied and moved it by 0 % of a landmark shift
     # (docs/finetune_results.md, "Held-out head turns").
     landmark_map: bool = False
+    # Filled lips (with landmark_map): two more map channels, the share of each latent cell inside the
+    # outer-lip and inside the inner-lip polygon. The dots of a closed and a half-open mouth overlap
+    # within a cell at 64 px (a 5 px opening is 1.2 cells of a 16x16 latent); the inner area is 0 for a
+    # closed mouth and grows with the opening, a signal a conv reads linearly.
+    landmark_fill: bool = False
 
 
 @dataclass

@@ -119,7 +119,8 @@ def test_output_exactly_independent_of_conditions_at_init_then_dependent_after_o
 
 
 @pytest.mark.parametrize("variant", [{}, {"temporal_attention": True}, {"complete_reference_encoder": True},
-                                     {"r_align": False}, {"m_align": False}, {"landmark_map": True}])
+                                     {"r_align": False}, {"m_align": False}, {"landmark_map": True},
+                                     {"landmark_map": True, "landmark_fill": True}])
 def test_cached_equals_uncached(variant):
     cfg = _cfg(**variant)
     app, unet = _build(cfg)
@@ -175,6 +176,40 @@ def test_landmark_map_draws_each_group_where_its_points_are():
     q[..., 0] += 0.3 / 16  # 0.3 of a cell to the right
     shift = centroid_x(landmark_map(q, 16, 16)[0, 1]) - centroid_x(m[0, 1])
     assert shift == pytest.approx(0.3, abs=0.04)  # a sigma-0.5 dot sampled at cell centres: within ~10 %
+
+
+def test_polygon_coverage_is_the_area_inside():
+    """A square covering 4 x 4 cells exactly, and a triangle whose edges cut cells: the summed
+    coverage is the polygon's area in cells (within the 4 x 4 sampling)."""
+    from talkformer_core.models.unet import polygon_coverage
+
+    sq = torch.tensor([[[0.25, 0.25], [0.5, 0.25], [0.5, 0.5], [0.25, 0.5]]])
+    c = polygon_coverage(sq, 16, 16, 4)[0]
+    assert float(c.sum()) == pytest.approx(16.0) and float(c[4:8, 4:8].min()) == 1.0 and float(c[8:].max()) == 0.0
+    tri = torch.tensor([[[0.1, 0.1], [0.9, 0.1], [0.1, 0.9]]])  # area 0.32 of the crop
+    assert float(polygon_coverage(tri, 16, 16, 4).sum()) / 256 == pytest.approx(0.32, abs=0.005)
+
+
+def test_landmark_fill_grows_with_the_mouth_opening():
+    """UNetConfig.landmark_fill: the inner-lip channel is 0 for a closed mouth (upper and lower inner lip
+    on one line) and its sum is the opening's area, which a sub-cell dot map barely separates."""
+    from talkformer_core.face.topology import LIP_POS
+    from talkformer_core.models.unet import landmark_map
+
+    def mouth(gap):  # an elliptic mouth 6 cells wide at row 10 of a 16x16 grid, inner gap in cells
+        p = torch.full((1, 131, 2), 0.5)
+        a = torch.linspace(0, 2 * torch.pi, 21)[:-1]  # contour order, as the lips are listed
+        for pos, half_h in ((LIP_POS[:20], gap / 2 + 0.8), (LIP_POS[20:], gap / 2)):
+            p[0, list(pos), 0] = (8 + 3 * torch.cos(a)) / 16
+            p[0, list(pos), 1] = (10 + half_h * torch.sin(a)) / 16
+        return landmark_map(p, 16, 16, fill=True)[0]
+
+    closed, half, open_ = mouth(0.0), mouth(0.6), mouth(1.2)
+    assert closed.shape == (5, 16, 16)
+    assert float(closed[4].sum()) == 0.0  # a closed mouth has no inside
+    areas = [float(m[4].sum()) for m in (half, open_)]
+    assert areas[0] == pytest.approx(torch.pi * 3 * 0.3, rel=0.15) and areas[1] == pytest.approx(2 * areas[0], rel=0.15)
+    assert float(open_[3].sum()) > float(open_[4].sum())  # the outer lips enclose the inner mouth
 
 
 def test_landmark_map_path_is_zero_at_init_and_follows_the_landmarks_once_trained():

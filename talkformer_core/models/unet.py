@@ -139,11 +139,31 @@ class AppearanceFeatures:
 
 # UNetConfig.landmark_map's channels: point positions in FULL_131 order (face.topology)
 MAP_GROUPS: tuple[tuple[int, ...], ...] = (JAW_POS, LIP_POS[:20], LIP_POS[20:])  # jaw, outer lip, inner lip
+# UNetConfig.landmark_fill's polygons: the outer and the inner lip contours (each in contour order)
+FILL_GROUPS: tuple[tuple[int, ...], ...] = (LIP_POS[:20], LIP_POS[20:])
 
 
-def landmark_map(points: Tensor, h: int, w: int, sigma: float = 0.5) -> Tensor:
+def polygon_coverage(poly: Tensor, h: int, w: int, sub: int) -> Tensor:
+    """(N, P, 2) closed polygons in [0, 1] -> (N, h, w): the share of each cell inside the polygon,
+    from sub x sub samples per cell (even-odd rule). Piecewise constant in the points: no gradient."""
+    n = poly.shape[0]
+    ys = (torch.arange(h * sub, device=poly.device, dtype=poly.dtype) + 0.5) / (h * sub)
+    xs = (torch.arange(w * sub, device=poly.device, dtype=poly.dtype) + 0.5) / (w * sub)
+    qy, qx = ys[:, None].expand(-1, w * sub).reshape(-1), xs[None, :].expand(h * sub, -1).reshape(-1)  # (M,)
+    a, b = poly.detach(), poly.detach().roll(-1, dims=1)  # edges a -> b, (N, P, 2)
+    ay, by = a[..., 1, None], b[..., 1, None]  # (N, P, 1)
+    straddles = (ay > qy) != (by > qy)  # (N, P, M)
+    t = (qy - ay) / torch.where(by == ay, torch.ones_like(by), by - ay)
+    x_cross = a[..., 0, None] + t * (b[..., 0, None] - a[..., 0, None])
+    inside = ((straddles & (qx < x_cross)).sum(dim=1) % 2).to(poly.dtype)  # (N, M)
+    return inside.view(n, h, sub, w, sub).mean(dim=(2, 4))
+
+
+def landmark_map(points: Tensor, h: int, w: int, sigma: float = 0.5, fill: bool = False) -> Tensor:
     """(N, 131, 2) crop-frame [0, 1] -> (N, 3, h, w): per group (jaw, outer lip, inner lip) the max over
-    its points of a Gaussian dot, sigma in latent cells, at the cell centres ((j + 0.5) / w)."""
+    its points of a Gaussian dot, sigma in latent cells, at the cell centres ((j + 0.5) / w).
+    ``fill``: (N, 5, h, w), then the outer- and inner-lip polygons' cell coverage (4 x 4 samples per
+    cell up to a 16-cell latent, fewer above: ``polygon_coverage``)."""
     ys = (torch.arange(h, device=points.device, dtype=points.dtype) + 0.5)  # cell centres, in cells
     xs = (torch.arange(w, device=points.device, dtype=points.dtype) + 0.5)
     out = []
@@ -153,6 +173,9 @@ def landmark_map(points: Tensor, h: int, w: int, sigma: float = 0.5) -> Tensor:
         dy = p[..., 1, None] * h - ys  # (N, P, h)
         d2 = dy[..., :, None] ** 2 + dx[..., None, :] ** 2  # (N, P, h, w)
         out.append(torch.exp(-d2 / (2 * sigma * sigma)).amax(dim=1))
+    if fill:
+        sub = max(1, min(4, 64 // max(h, w)))
+        out += [polygon_coverage(points[:, list(g)], h, w, sub) for g in FILL_GROUPS]
     return torch.stack(out, dim=1)
 
 
@@ -163,7 +186,7 @@ class LandmarkCache:
 
     per_block: list[Union[KV, Tensor]]
     batch: int
-    map: Tensor | None = None  # (N, 3, h, w) UNetConfig.landmark_map, drawn once like the K/V
+    map: Tensor | None = None  # (N, 3 or 5, h, w) UNetConfig.landmark_map, drawn once like the K/V
 
 
 @dataclass
@@ -213,7 +236,8 @@ class TalkFormerUNet(nn.Module):
                                else LandmarkMLP(u.landmark_dim))
         self.conv_in = nn.Conv2d(C if cfg.r_align else 2 * C, mc, 3, padding=1)
         # zero-initialised like every other conditioning path: at init the output ignores the landmarks
-        self.landmark_map_in = (zero_module(nn.Conv2d(len(MAP_GROUPS), mc, 3, padding=1)) if u.landmark_map
+        self.landmark_map_in = (zero_module(nn.Conv2d(len(MAP_GROUPS) + (len(FILL_GROUPS) if u.landmark_fill else 0),
+                                                       mc, 3, padding=1)) if u.landmark_map
                                 else None)
         if not cfg.r_align:  # z_r's half of conv_in starts at zero: output independent of z_r at init
             with torch.no_grad():
@@ -274,7 +298,8 @@ class TalkFormerUNet(nn.Module):
                              f"frame, got {got}")
         emb = self.landmark_embed(landmarks.to(self.conv_in.weight.dtype))  # (N, 131, D) or (N, D)
         s = self.cfg.latent_size
-        lmap = landmark_map(landmarks, s, s) if self.landmark_map_in is not None else None  # (N, 3, s, s)
+        lmap = (landmark_map(landmarks, s, s, fill=self.cfg.unet.landmark_fill)
+                if self.landmark_map_in is not None else None)  # (N, 3 or 5, s, s)
         return LandmarkCache([b.m_align.kv(emb) for b in self.blocks], landmarks.shape[0], lmap)
 
     def prepare_reference(self, reference: "Tensor | AppearanceFeatures | list[Tensor]") -> ReferenceCache:
