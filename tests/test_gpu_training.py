@@ -69,7 +69,7 @@ def test_gpu_presets_keep_the_cpu_recipe_at_the_papers_crop(name, crop, latent):
     cpu, cfg = preset("cpu64"), preset(name)
     m, t = cfg.model, cfg.train
     assert (m.image_size, m.latent_size, m.latent_channels, m.autoencoder.downsample) == (crop, latent, 3, 4)
-    assert m.unet.position_features and m.unet.landmark_map and m.anchor_mouth_x
+    assert m.unet.position_features and m.unet.landmark_map and m.unet.landmark_fill and m.anchor_mouth_x
     assert m.landmark == cpu.model.landmark  # stage 1 as cpu64's
     assert not t.end_to_end and t.bf16 and not cpu.train.bf16
     frac = lambda c: c.train.shift_augment * c.model.autoencoder.downsample / c.model.image_size  # noqa: E731

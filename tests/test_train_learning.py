@@ -38,8 +38,8 @@ THREADS = 2
 
 
 def learning_config():
-    """tiny's sizes with the person presets' stage-2 recipe (config.person_config): the landmark map,
-    M-Align's position features, and the U-Net trained on the detected landmarks (w/o End2End).
+    """tiny's sizes with the person presets' stage-2 recipe (config.person_config): the landmark map
+    with filled lips, M-Align's position features, and the U-Net trained on the detected landmarks (w/o End2End).
     With tiny's own recipe (end to end, no map) the renderer trained on stage 1's early, poor
     predictions and learned to ignore its landmarks: faces 0.33 on unseen audio (docs/dubbing.md)."""
     from talkformer_core.config import AutoencoderConfig, tiny
@@ -49,6 +49,7 @@ def learning_config():
     cfg.model.autoencoder = AutoencoderConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, resolution=CROP)
     cfg.model.landmark.dropout = 0.0
     cfg.model.unet.landmark_map = True
+    cfg.model.unet.landmark_fill = True
     cfg.model.unet.position_features = True
     cfg.train.end_to_end = False
     cfg.train.lr = 1e-3
