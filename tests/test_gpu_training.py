@@ -166,7 +166,8 @@ def test_a_latent_cached_step_needs_no_images(shards, ae_file):
     from talkformer_core.data.dataset import TalkingFaceDataset
     from talkformer_core.models.checkpoint import load_model_state, read_checkpoint
     from talkformer_core.models.model import TalkFormer
-    from talkformer_core.train.loop import LatentCache, TalkFormerStep
+    from talkformer_core.train.latents import LatentCache
+    from talkformer_core.train.steps import TalkFormerStep
 
     cfg = tiny_config()
     torch.manual_seed(0)
