@@ -7,7 +7,7 @@
 Full mode: for every clip (``--clips``, default the mp4s of ../shared/media), ``python -m
 talkformer_core.finetune --holdout 0.4 --dubbing`` with the CPU defaults (cpu64, 30 minutes):
 trained on frames [0, 0.6); the template frames [0.8, 1.0) driven by the audio of [0.6, 0.8)
-(``finetune.dubbing_report``, ``talkformer_core.eval.dubbing``), each clip in its own process
+(``finetune.dubbing.dubbing_report``, ``talkformer_core.eval.dubbing``), each clip in its own process
 (``--jobs`` at once). Writes the dubbing table (stage 1, generated faces, the renderer given the
 audio's true landmarks, the loudness model: correlation of the mouth opening with the new audio's
 truth and with the template's), the silence check, the self-reconstruction table of the same models
@@ -74,7 +74,8 @@ def _f(v, fmt: str = ".3f") -> str:
 
 
 def page(results: dict[str, dict], a: argparse.Namespace) -> str:
-    from talkformer_core.finetune import DUB_ROWS, report_table
+    from talkformer_core.finetune.dubbing import DUB_ROWS
+    from talkformer_core.finetune.holdout import report_table
 
     lines = [f"`python bench/dubbing.py --budget-minutes {a.budget_minutes:g} --jobs {a.jobs} --threads {a.threads}`: "
              "per clip `python -m talkformer_core.finetune --holdout 0.4 --dubbing` (preset cpu64), trained on frames "
@@ -146,7 +147,9 @@ def stage1_scores(shard: Path, steps: int, seed: int = 0) -> dict[str, dict[str,
     from talkformer_core.data.dataset import TalkingFaceDataset
     from talkformer_core.eval import dubbing as D
     from talkformer_core.face import topology
-    from talkformer_core.finetune import load_holdout, mouth_training_data, person_config
+    from talkformer_core.config import person_config
+    from talkformer_core.finetune.holdout import load_holdout
+    from talkformer_core.finetune.run import mouth_training_data
     from talkformer_core.models.landmark_completion import LandmarkCompletion
     from talkformer_core.pipeline import AudioFeatures, LoadedModel, complete_landmarks, landmarks_to_crop
 

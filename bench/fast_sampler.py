@@ -5,8 +5,8 @@
 
 The checkpoint's own clip (the shard ``finetune`` wrote): its last ``--holdout`` part (frames the
 model did not train on), driven by the detected landmarks (so only stage 2's sampler differs
-between rows), pasted into the true crops like the pipeline does (finetune.generate). Per row:
-lower-face PSNR and LMD against the true frames (finetune.score: PSNR on the crop's lower half,
+between rows), pasted into the true crops like the pipeline does (finetune.holdout.generate). Per row:
+lower-face PSNR and LMD against the true frames (finetune.holdout.score: PSNR on the crop's lower half,
 LMD by mediapipe at 256 px), and PSNR against the 200-step DDIM output itself. The chosen default
 is the fewest DPM-Solver++(2M) steps whose PSNR is >= 98 % and LMD <= 102 % of 200-step DDIM's,
 and every larger step count's too (``choose``).
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from talkformer_core.finetune import generate, load_holdout, score
+    from talkformer_core.finetune.holdout import generate, load_holdout, score
     from talkformer_core.pipeline import load_model
 
     h = load_holdout(a.shard, a.holdout)

@@ -73,7 +73,7 @@ def run_clips(clips: list[Path], work: Path, a: argparse.Namespace) -> dict[str,
 
 
 def markdown(results: dict[str, dict], a: argparse.Namespace) -> str:
-    from talkformer_core.finetune import report_table
+    from talkformer_core.finetune.holdout import report_table
 
     reports = {k: v["report"] for k, v in results.items()}
     lines = ["# Person-specific fine-tuning on the real clips: the hold-out bar", "",

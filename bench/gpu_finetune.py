@@ -9,7 +9,7 @@ One clip per process, finetune's recipe on it: the autoencoder stage on the firs
 the frames (``autoencoder_share`` of the training minutes), then TalkFormer with EMA, then the
 mouth model; batches sized to the device, bf16 on CUDA (the preset's). A shard at a larger crop
 than the preset's is resized (area) to it, so cpu64 trains on the same frames. Then the held-out
-frames are generated twice (``finetune.generate``: audio-driven, and with the test frames'
+frames are generated twice (``finetune.holdout.generate``: audio-driven, and with the test frames'
 landmarks) and saved, losslessly (``data.packed.encode_images``), in a compressed ``--out`` .npz
 with the run's numbers (steps,
 minutes, samples/s, busy share). ``bench/score_gpu_finetune.py`` scores those files where
@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
 
     _tqdm_stand_in()
     from talkformer_core.config import resolve_preset
-    from talkformer_core.finetune import finetune_config, fit_mouth_model, generate, load_holdout
+    from talkformer_core.finetune.holdout import generate, load_holdout
+    from talkformer_core.finetune.presets import finetune_config
+    from talkformer_core.finetune.run import fit_mouth_model
     from talkformer_core.pipeline import load_model
     from talkformer_core.train import train
     from talkformer_core.train.device import fit_batches, resolve_device

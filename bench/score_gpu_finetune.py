@@ -7,7 +7,7 @@ For every clip (matched by the shard's file name) and every preset that ran on i
 landmarks and audio-driven crops, upscaled bicubic to 256 px when smaller (``eval.ruler``), scored
 on the lower half against the TRUE 256 px crops of the held-out frames: PSNR, SSIM, LMD (px of a
 256 crop) and mouth-opening correlation (mediapipe); the two baselines (copy-reference, mean-mouth;
-``finetune.baselines``) made at 256 px and scored the same way. Writes the markdown (tables, the
+``finetune.holdout.baselines``) made at 256 px and scored the same way. Writes the markdown (tables, the
 quality bar per preset, gpu256 against cpu64, the training numbers of each run) and one grid: per
 clip three held-out frames, columns truth / audio-driven / test-frame landmarks per preset /
 copy-reference, the lower half of the face at 256 px.
@@ -69,7 +69,7 @@ def truth_shard(shards: Path, name: str, tmp: Path) -> Path:
 
 def score_clip(shard: Path, runs: dict[str, dict], holdout: float, landmarks: bool = True) -> dict:
     from talkformer_core.eval.ruler import RULER, ruler_scores
-    from talkformer_core.finetune import baselines, load_holdout
+    from talkformer_core.finetune.holdout import baselines, load_holdout
 
     h = load_holdout(shard, holdout)
     if h.crops.shape[1] != RULER:
@@ -88,7 +88,7 @@ def score_clip(shard: Path, runs: dict[str, dict], holdout: float, landmarks: bo
 
 
 def _better(metric: str, a, b) -> bool:
-    from talkformer_core.finetune import _better as better
+    from talkformer_core.finetune.holdout import _better as better
 
     return better(metric, a, b)
 

@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     from talkformer_core import sampling as S
     from talkformer_core.face import topology
-    from talkformer_core.finetune import _points478, load_holdout, reference_frame
+    from talkformer_core.finetune.dubbing import _points478
+    from talkformer_core.finetune.holdout import load_holdout, reference_frame
     from talkformer_core.pipeline import encode_reference, load_model
 
     model = load_model(a.checkpoint, "cpu")

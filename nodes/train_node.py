@@ -1,6 +1,6 @@
 """Train TalkFormer on Video: a person-specific model from the user's own clip.
 
-A thin adapter over ``talkformer_core.finetune.finetune`` (preprocess -> autoencoder stage unless a
+A thin adapter over ``talkformer_core.finetune.run.finetune`` (preprocess -> autoencoder stage unless a
 VAE is connected -> TalkFormer stage; the training loop is ``talkformer_core.train``'s). The file
 is saved as ``models/talkformer/<name>.safetensors`` with a training key (``talkformer_core.
 training_key``): asked again for the same clip and settings, the node loads that file at once
@@ -162,7 +162,7 @@ class TrainTalkFormerOnVideo:
         from contextlib import ExitStack
 
         from talkformer_core.errors import InputError
-        from talkformer_core.finetune import finetune, state_path, work_dir_for
+        from talkformer_core.finetune.run import finetune, state_path, work_dir_for
         from talkformer_core.models.checkpoint import copy_with_metadata, state_dict_sha256
         from talkformer_core.training_key import (KEY_FIELD, RUN_FIELD, arrays_sha256, file_sha256, stored_key,
                                                   training_keys)

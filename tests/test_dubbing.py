@@ -117,7 +117,8 @@ def test_mouth_model_follows_new_speech_on_another_clips_frames(clips, tmp_path)
     C's speech on clip B's frames: its opening follows C's true opening and not B's, and 2 s of
     silence keep it in A's closed range (lowest 10 % of A's frames)."""
     from talkformer_core.data.preprocess import save_shard, shard_from_synthetic
-    from talkformer_core.finetune import mouth_training_data, person_config
+    from talkformer_core.config import person_config
+    from talkformer_core.finetune.run import mouth_training_data
     from talkformer_core.models.landmark_completion import LandmarkCompletion
     from talkformer_core.pipeline import (AudioFeatures, LoadedModel, audio_features, complete_landmarks,
                                           landmarks_to_crop)
@@ -164,7 +165,7 @@ def test_fit_mouth_model_writes_live_and_ema_copies(clips, tmp_path):
     from pipeline_helpers import tiny_model
 
     from talkformer_core.data.preprocess import save_shard, shard_from_synthetic
-    from talkformer_core.finetune import fit_mouth_model
+    from talkformer_core.finetune.run import fit_mouth_model
     from talkformer_core.models.checkpoint import save_checkpoint
     from talkformer_core.models.model import TalkFormer
     from talkformer_core.pipeline import load_model

@@ -39,7 +39,7 @@ def videos(tmp_path_factory):
 
 
 def _cli(argv, capsys):
-    from talkformer_core.finetune import main
+    from talkformer_core.finetune.cli import main
 
     rc = main(argv)
     return rc, capsys.readouterr().err
@@ -73,7 +73,8 @@ def test_cli_rejects_bad_inputs_with_clear_errors(videos, tmp_path, capsys):
 def test_tiny_finetune_interrupt_resume_and_report(videos, tmp_path):
     """tiny preset, a few steps: the run writes a checkpoint pipeline.load_model takes; an interrupt
     from the progress callback leaves a resumable run; the hold-out report has every method."""
-    from talkformer_core.finetune import METHODS, finetune, work_dir_for
+    from talkformer_core.finetune.holdout import METHODS
+    from talkformer_core.finetune.run import finetune, work_dir_for
     from talkformer_core.pipeline import load_model
 
     out = tmp_path / "person.safetensors"
@@ -111,7 +112,7 @@ def test_tiny_finetune_interrupt_resume_and_report(videos, tmp_path):
 def test_baselines_are_exact_on_a_static_clip():
     """A clip whose frames are all the same image: copy-reference and mean-mouth reproduce the test
     frames (identity alignment), so their lower-half PSNR is very high."""
-    from talkformer_core.finetune import HoldoutData, baselines
+    from talkformer_core.finetune.holdout import HoldoutData, baselines
     from talkformer_core.eval import lower_half, psnr
 
     rng = np.random.default_rng(0)
@@ -141,7 +142,7 @@ def test_real_clip_beats_copy_reference_with_test_frame_landmarks(tmp_path):
     clip = MEDIA / "videoretalking_face_5.mp4"
     if not clip.exists():
         pytest.skip(f"{clip} not found (the real clips are not part of the repository)")
-    from talkformer_core.finetune import finetune
+    from talkformer_core.finetune.run import finetune
 
     import torch
 

@@ -23,14 +23,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------------------------------- presets
 
 def test_one_preset_list_read_by_the_clis_and_the_node():
-    from talkformer_core import config, finetune
+    from talkformer_core import config
+    from talkformer_core.finetune.cli import build_parser as finetune_parser
+    from talkformer_core.finetune.presets import PRESETS as finetune_presets
     from talkformer_core.train.__main__ import build_parser as train_parser
 
     names = config.PRESET_NAMES
     assert names[0] == "auto" and {"cpu64", "cpu96", "gpu128", "gpu256", "small", "paper", "tiny"} <= set(names)
     assert set(names) - {"auto"} == set(config.PRESETS)  # every name but auto builds a config
-    assert finetune.PRESETS is names
-    ft = {a.dest: a for a in finetune.build_parser()._actions}
+    assert finetune_presets is names
+    ft = {a.dest: a for a in finetune_parser()._actions}
     assert tuple(ft["preset"].choices) == names and ft["preset"].default == "auto"
     tr = {a.dest: a for a in train_parser()._actions}
     assert tuple(tr["preset"].choices) == names
@@ -46,7 +48,7 @@ def test_one_preset_list_read_by_the_clis_and_the_node():
 
 def test_auto_picks_cpu64_on_a_cpu_and_gpu256_on_cuda():
     from talkformer_core.config import person_config, preset, resolve_preset
-    from talkformer_core.finetune import finetune_config
+    from talkformer_core.finetune.presets import finetune_config
 
     assert resolve_preset("auto", "cpu") == resolve_preset("auto", torch.device("cpu")) == "cpu64"
     for dev in ("cuda", "cuda:1", torch.device("cuda", 0)):
@@ -164,7 +166,8 @@ def test_a_latent_cached_step_needs_no_images(shards, ae_file):
     from talkformer_core.data.dataset import TalkingFaceDataset
     from talkformer_core.models.checkpoint import load_model_state, read_checkpoint
     from talkformer_core.models.model import TalkFormer
-    from talkformer_core.train.loop import LatentCache, TalkFormerStep
+    from talkformer_core.train.latents import LatentCache
+    from talkformer_core.train.steps import TalkFormerStep
 
     cfg = tiny_config()
     torch.manual_seed(0)

@@ -26,3 +26,14 @@ def test_mask_lower_face_is_a_copy_with_rows_from_half_black():
     assert not (x[:, :, 4:] == -1).all()  # the input is untouched
     n = mask_lower_face(x.numpy())
     assert isinstance(n, np.ndarray) and np.array_equal(n, m.numpy())
+
+
+def test_to_pixels_of_a_tensor_is_exactly_the_documented_formula_for_every_float_dtype():
+    """clamp, (x + 1) * 127.5 in float32, round half to even, uint8: also for the bf16 / fp16
+    tensors of autocast (training previews, decoded samples), values out of range included."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(4096, generator=g) * 1.5, torch.arange(257) / 128.0 - 1.0,
+                   torch.arange(256) / 127.5 - 1.0 + 0.5 / 127.5, torch.tensor([float("inf"), -float("inf")])])
+    for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        t = x.to(dt)
+        assert torch.equal(to_pixels(t), ((t.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)), dt

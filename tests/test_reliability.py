@@ -78,7 +78,7 @@ def junk(tmp_path_factory):
     return d
 
 
-MAIN_MODULES = {"train": "train.__main__", "eval": "eval.cli"}  # where ``python -m`` finds main()
+MAIN_MODULES = {"train": "train.__main__", "eval": "eval.cli", "finetune": "finetune.cli"}  # where ``python -m`` finds main()
 
 
 def _cli_main(module: str):
@@ -123,7 +123,7 @@ def test_every_cli_refuses_an_unwritable_output_before_work(junk, tmp_path, caps
 def test_finetune_and_lipsync_api_refuse_an_output_under_a_file(junk, tmp_path):
     from talkformer_core import pipeline
     from talkformer_core.errors import OutputError
-    from talkformer_core.finetune import validate_inputs
+    from talkformer_core.finetune.run import validate_inputs
 
     clip = synthetic_clip(0, 0.6, 128)
     video = write_video(tmp_path / "t.mp4", clip.frames, audio=clip.audio)

@@ -32,7 +32,7 @@ def test_ldm_gradient_reaches_landmark_module_only_end_to_end(shards, ae_file, e
     from talkformer_core.data.dataset import TalkingFaceDataset
     from talkformer_core.models.checkpoint import load_model_state, read_checkpoint
     from talkformer_core.models.model import TalkFormer
-    from talkformer_core.train.loop import TalkFormerStep
+    from talkformer_core.train.steps import TalkFormerStep
 
     cfg = tiny_config(end_to_end=end_to_end)
     torch.manual_seed(0)
@@ -192,7 +192,8 @@ def test_latent_cache_gives_the_losses_and_gradients_of_encoding_every_step(shar
     from talkformer_core.data.dataset import TalkingFaceDataset
     from talkformer_core.models.checkpoint import load_model_state, read_checkpoint
     from talkformer_core.models.model import TalkFormer
-    from talkformer_core.train.loop import LatentCache, TalkFormerStep
+    from talkformer_core.train.latents import LatentCache
+    from talkformer_core.train.steps import TalkFormerStep
 
     cfg = tiny_config(end_to_end=True)
     torch.manual_seed(0)
@@ -228,7 +229,7 @@ def test_ema_warm_up_forgets_the_initial_weights_of_a_short_run():
     """EMA.update(step) uses min(decay, (1 + step) / (10 + step)): after 150 steps of fixed weights
     the shadow holds what prod(decays) predicts, and far less of the initialisation than the plain
     decay would (0.995 ** 150 = 47 %)."""
-    from talkformer_core.train.loop import EMA
+    from talkformer_core.train.ema import EMA
 
     lin = torch.nn.Linear(3, 2)
     with torch.no_grad():
@@ -248,7 +249,7 @@ def test_ema_warm_up_forgets_the_initial_weights_of_a_short_run():
 
 def test_mouth_weight_covers_the_lips_box():
     from talkformer_core.face.topology import LIP_POS
-    from talkformer_core.train.loop import mouth_weight
+    from talkformer_core.train.steps import mouth_weight
 
     lm = torch.full((2, 131, 2), 0.3)
     lips = list(LIP_POS)
@@ -266,7 +267,7 @@ def test_mouth_weight_covers_the_lips_box():
 
 
 def test_shift_columns_moves_latents_by_whole_cells():
-    from talkformer_core.train.loop import shift_columns
+    from talkformer_core.train.steps import shift_columns
 
     z = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
     out, valid = shift_columns(z, torch.tensor([2, -1]))
@@ -286,7 +287,7 @@ def test_shift_augment_moves_latents_context_and_landmarks_together(shards, ae_f
     from talkformer_core.data.dataset import TalkingFaceDataset
     from talkformer_core.models.checkpoint import load_model_state, read_checkpoint
     from talkformer_core.models.model import TalkFormer
-    from talkformer_core.train.loop import TalkFormerStep, shift_columns
+    from talkformer_core.train.steps import TalkFormerStep, shift_columns
 
     cfg = tiny_config(end_to_end=False)
     cfg.train.shift_augment = 1

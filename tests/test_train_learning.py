@@ -155,9 +155,9 @@ def _run(workdir: Path, log, tf_steps: int, save_every: int) -> dict:
 
 def fit_mouth(train_dir: Path):
     """The person presets' stage 1 (models.mouth_model) fitted on the training clips' frames, as
-    finetune does (finetune.mouth_training_data: stable box frame)."""
+    finetune does (finetune.run.mouth_training_data: stable box frame)."""
     from talkformer_core.data.dataset import list_shards
-    from talkformer_core.finetune import mouth_training_data
+    from talkformer_core.finetune.run import mouth_training_data
     from talkformer_core.models.mouth_model import MouthModel
 
     parts = [mouth_training_data(p, (0.0, 1.0)) for p in list_shards(train_dir)]

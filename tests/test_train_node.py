@@ -39,7 +39,7 @@ def folders(tmp_path, monkeypatch):
 def test_finetune_trains_inside_inference_mode(clips, tmp_path):
     """ComfyUI calls every node under inference_mode, where backward() has no graph: training must
     leave it and still produce a loadable model."""
-    from talkformer_core.finetune import finetune
+    from talkformer_core.finetune.run import finetune
     from talkformer_core.pipeline import load_model
 
     with torch.inference_mode():
@@ -51,7 +51,7 @@ def test_finetune_trains_inside_inference_mode(clips, tmp_path):
 
 
 def test_train_node_trains_once_per_clip_and_settings(clips, folders, monkeypatch):
-    import talkformer_core.finetune as ft
+    import talkformer_core.finetune.run as ft
     from nodes.train_node import TrainTalkFormerOnVideo
     from talkformer_core.models.checkpoint import read_metadata
     from talkformer_core.training_key import KEY_FIELD

@@ -18,7 +18,7 @@ a * loudness + b with loudness the mean log-mel energy of the frame's mel window
 training frames. ``lip_shape_error``: the lips against the audio's true lips after a similarity
 alignment on the upper face (eyes, brows, nose), so head pose does not count.
 
-Pure numpy (no mediapipe, no torch): the pipeline-facing run lives in ``finetune.dubbing_report``.
+Pure numpy (no mediapipe, no torch): the pipeline-facing run lives in ``finetune.dubbing.dubbing_report``.
 """
 from __future__ import annotations
 

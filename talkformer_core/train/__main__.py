@@ -10,7 +10,8 @@ import json
 import sys
 
 from ..config import PRESET_NAMES, preset
-from .loop import STAGES, train
+from .loop import train
+from .options import STAGES
 
 
 def build_parser() -> argparse.ArgumentParser:

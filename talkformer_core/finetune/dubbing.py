@@ -1,0 +1,161 @@
+"""The dubbing report: the held-out part split into new audio and template, one clip's numbers
+for the protocol of ``talkformer_core.eval.dubbing`` (docs/dubbing.md), and their table.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from .holdout import _f, _paste, _upscale, load_holdout, reference_frame
+
+SILENCE_SECONDS = 2.0
+
+
+def _points478(crops: np.ndarray) -> np.ndarray:
+    """mediapipe (tracking mode, one sequence) on crops upscaled to EVAL_CROP: (B, 478, 2) px, NaN if missed."""
+    from ..face.landmarks import LandmarkDetector
+
+    out = []
+    with LandmarkDetector(max_num_faces=1) as det:
+        for c in _upscale(crops):
+            p, found = det.detect(c)
+            out.append(p[:, :2].astype(np.float64) if found else np.full((478, 2), np.nan))
+    return np.stack(out)
+
+
+def _anchor_x(content_box: np.ndarray, template_box: np.ndarray) -> np.ndarray:
+    """Slide jaw + lips (T, 57, 2) sideways so the lips' mean x is the template's (as anchor_mouth_x)."""
+    from ..face import topology
+
+    lips = list(topology.LIP_POS)
+    dx = template_box[:, lips, 0].mean(1) - content_box[:, 17:, 0].mean(1)
+    out = content_box.copy()
+    out[:, :, 0] += dx[:, None]
+    return out
+
+
+def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, holdout: float, *,
+                   device: str | None = None, vae: str | os.PathLike | None = None, sampler: str = "ddim",
+                   steps: int = 25, seed: int = 0, noise_scale: float = 1.0, silence: bool = True) -> dict[str, Any]:
+    """The dubbing protocol (eval.dubbing) on one clip: trained on [0, 1 - holdout); the held-out part
+    split in halves, new audio = the first, template = the second (holdout 0.4: [0.6, 0.8) drives
+    [0.8, 1.0)). Opening series of stage 1 (predicted landmarks, crop frame), of the generated faces
+    (mediapipe on the crops at 256 px), of the renderer given the new audio's TRUE jaw and lips (placed
+    on the template's mouth: does stage 2 follow its landmarks and nothing else?), and the loudness
+    model; each correlated with the new audio's truth and with the template. Lip-shape error of
+    stage 1 and of the template's own lips against the truth after upper-face alignment. Silence:
+    ``SILENCE_SECONDS`` of zeros drive the template; their openings against the person's closed range
+    (lowest 10 % of the training frames, measured the same way)."""
+    from ..eval import dubbing as D
+    from ..face import topology
+    from ..face.blend import lower_face_mask
+    from ..pipeline import (AudioFeatures, audio_features, complete_landmarks, encode_reference, initial_noise,
+                           landmarks_to_crop, load_model, sample_faces)
+
+    h = load_holdout(shard, holdout)
+    T = len(h.crops)
+    split = D.split_clip(T, h.analysis.found, 1.0 - holdout, 1.0 - holdout / 2)
+    au, te, tr = split.audio, split.template, split.train
+    model = load_model(checkpoint, device or "cpu", vae=vae)
+    box = model.config.model.landmark_box
+    S = h.crops.shape[1]
+    refs_idx = tr[topology.pick_spread(h.analysis.openness[tr], model.num_references)]
+    refs = h.analysis.points_box(refs_idx, box)
+    ref = encode_reference(model, h.crops[reference_frame(h)])
+    noise = initial_noise(model, seed) * float(noise_scale)
+    mask = lower_face_mask(S)
+
+    def render(idx: np.ndarray, lms_crop: np.ndarray) -> np.ndarray:
+        gen = sample_faces(model, h.crops[idx], lms_crop, ref, steps=steps, sampler=sampler, seed=seed,
+                           batch_size=32, noise=noise)
+        return _paste(gen, h.crops[idx], mask)
+
+    def stage1(idx: np.ndarray, mels: np.ndarray) -> np.ndarray:
+        lm_box = complete_landmarks(model, h.analysis, AudioFeatures(mels, len(idx), 25.0), idx, references=refs)
+        return landmarks_to_crop(h.analysis, lm_box, idx, model)  # (n, 131, 2) crop frame
+
+    pts = h.analysis.track.points131_filled.astype(np.float64)
+    truth, tmpl = D.mouth_opening(pts[au]), D.mouth_opening(pts[te])
+    rows: dict[str, dict[str, Any]] = {}
+    true_lips = h.points_crop[au].astype(np.float64) * S
+    lm_cfg = model.landmark.cfg
+    fitted = getattr(model.landmark, "mouth", None) is not None and model.landmark.mouth.is_fitted
+    # the checkpoint's stage 1 ("stage1"); with a fitted mouth model also the transformer alone and the
+    # two averaged, from the same checkpoint (LandmarkConfig.mouth_blend)
+    variants = [("", None)] + ([("_transformer", 0.0), ("_blend", 0.5)] if fitted else [])
+    own = lm_cfg.mouth_blend
+    for suffix, blend in variants:
+        lm_cfg.mouth_blend = own if blend is None else blend
+        try:
+            s1 = stage1(te, h.mels[au])
+        finally:
+            lm_cfg.mouth_blend = own
+        rows["stage1" + suffix] = D.dubbing_scores(D.mouth_opening(s1), truth, tmpl)
+        rows["stage1" + suffix]["lip_shape_error"] = float(np.nanmean(D.lip_shape_error(s1 * S, true_lips)))
+        rows["faces" + suffix] = D.dubbing_scores(D.mouth_opening(_points478(render(te, s1))), truth, tmpl)
+    shape_tmpl = D.lip_shape_error(h.points_crop[te].astype(np.float64) * S, true_lips)
+    # renderer check: the new audio's true jaw + lips, in the template frame's stable box
+    true_box = h.analysis.points_box(au, box)
+    tmpl_box = h.analysis.points_box(te, box)
+    placed = tmpl_box.copy()
+    placed[:, list(topology.CONTENT_POS)] = _anchor_x(true_box[:, list(topology.CONTENT_POS)], tmpl_box)
+    gen_true = render(te, landmarks_to_crop(h.analysis, placed, te, model))
+    rows["renderer_true_landmarks"] = D.dubbing_scores(D.mouth_opening(_points478(gen_true)), truth, tmpl)
+    loud = D.LoudnessModel.fit(D.frame_loudness(h.mels[tr]), D.mouth_opening(pts[tr]))
+    rows["loudness"] = D.dubbing_scores(loud.predict(D.frame_loudness(h.mels[au])), truth, tmpl)
+    rows["template_lips"] = {"lip_shape_error": float(np.nanmean(shape_tmpl))}
+    # self-reconstruction of the template frames (their own audio), stage 1 only
+    rows["stage1_own_audio"] = D.dubbing_scores(D.mouth_opening(stage1(te, h.mels[te])), tmpl, tmpl)
+    rep: dict[str, Any] = {"rows": rows, "frames": int(len(te)), "train_frames": int(len(tr)),
+                           "audio_frames": [int(au[0]), int(au[-1]) + 1], "template_frames": [int(te[0]), int(te[-1]) + 1],
+                           "landmark_box": box, "sampler": sampler, "sampler_steps": steps,
+                           "mouth_model": bool(getattr(model.landmark, "mouth", None) is not None
+                                               and model.landmark.mouth.is_fitted)}
+    if silence:
+        sil = audio_features(np.zeros(int(16000 * SILENCE_SECONDS), np.float32))
+        idx = np.resize(te, sil.num_frames)
+        s1_sil = stage1(idx, sil.windows)
+        o1 = D.mouth_opening(s1_sil)
+        o2 = D.mouth_opening(_points478(render(idx, s1_sil)))
+        thr1 = D.closed_threshold(D.mouth_opening(pts[tr]))
+        thr2 = D.closed_threshold(D.mouth_opening(_points478(h.crops[tr])))
+        rep["silence"] = {"frames": int(sil.num_frames), "stage1_max": float(np.nanmax(o1)), "stage1_closed": thr1,
+                          "faces_max": float(np.nanmax(o2)), "faces_p90": float(np.nanquantile(o2, 0.9)),
+                          "faces_closed": thr2, "faces_missed": int(np.isnan(o2).sum()),
+                          "stage1_ok": bool(np.nanmax(o1) <= thr1), "faces_ok": bool(np.nanmax(o2) <= thr2)}
+    return rep
+
+
+DUB_ROWS = (("stage1", "stage 1 (predicted landmarks)"), ("faces", "generated faces"),
+            ("stage1_transformer", "stage 1, transformer alone"), ("faces_transformer", "faces, transformer alone"),
+            ("stage1_blend", "stage 1, mouth model + transformer averaged"),
+            ("faces_blend", "faces, mouth model + transformer averaged"),
+            ("renderer_true_landmarks", "renderer, the audio's true landmarks"), ("loudness", "loudness model"))
+
+
+def format_dubbing(rep: dict[str, Any], clip: str = "this clip") -> str:
+    """Markdown: one row per method (corr with the audio's truth, with the template, the latter given
+    the audio), lip-shape error, and the silence check."""
+    lines = [f"[finetune] dubbing: template frames {rep['template_frames']} driven by the audio of "
+             f"{rep['audio_frames']} ({rep['frames']} frames; {rep['train_frames']} training frames; "
+             f"box {rep['landmark_box']}; mouth model {'on' if rep['mouth_model'] else 'off'})",
+             "| clip | opening of | corr with the audio's truth ↑ | corr with the template | same, given the audio | "
+             "lip-shape error (x nose length) ↓ |", "|---|---|---|---|---|---|"]
+    for key, name in DUB_ROWS:
+        if key not in rep["rows"]:
+            continue
+        r = rep["rows"][key]
+        lse = r.get("lip_shape_error")
+        lines.append(f"| {clip} | {name} | {_f(r['corr_audio'], '.3f')} | {_f(r['corr_template'], '.3f')} | "
+                     f"{_f(r['corr_template_given_audio'], '.3f')} | {_f(lse, '.3f')} |")
+    lines.append(f"| {clip} | template's own lips | | | | {_f(rep['rows']['template_lips']['lip_shape_error'], '.3f')} |")
+    lines.append(f"audio's truth vs template truth: {_f(rep['rows']['stage1']['truth_vs_template'], '.3f')}; "
+                 f"stage 1 on the template's own audio: {_f(rep['rows']['stage1_own_audio']['corr_audio'], '.3f')}")
+    if "silence" in rep:
+        s = rep["silence"]
+        lines.append(f"silence ({s['frames']} frames): stage 1 max opening {s['stage1_max']:.4f} (closed range <= "
+                     f"{s['stage1_closed']:.4f}: {s['stage1_ok']}); faces max {s['faces_max']:.4f}, 90th pct "
+                     f"{s['faces_p90']:.4f} (closed range <= {s['faces_closed']:.4f}: {s['faces_ok']})")
+    return "\n".join(lines)

@@ -1,0 +1,78 @@
+"""The frozen autoencoder's latents as training reads them: cached once per run for stage
+talkformer, and the scale factor stage autoencoder ends with."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+LATENT_CACHE_MAX_BYTES = 2 * 1024 ** 3  # auto mode caches when every frame's two latents fit in this
+
+
+class LatentCache:
+    """The frozen autoencoder's latents of every frame the training windows can touch, computed once.
+
+    Stage talkformer encodes three images per frame per step (crop, masked crop, reference) with an
+    autoencoder that never changes; on a CPU at person-specific sizes that is most of a step
+    (measured in docs/finetune.md). ``E`` is the posterior mean, so a cached latent is the value the
+    step would compute (up to float rounding of another batch size). Per clip: z and context, each
+    (hi - lo, C, h, w) on ``device``, for the clip's frames [lo, hi) (the dataset's ``frames`` part;
+    found or not: a crop is an image either way).
+    """
+
+    def __init__(self, model: nn.Module, dataset: Any, device: torch.device, batch: int = 64):
+        self.lo: list[int] = []
+        self.z: list[Tensor] = []
+        self.ctx: list[Tensor] = []
+        from ..data.dataset import _to_image
+
+        with torch.no_grad():
+            for ci, clip in enumerate(dataset.clips):
+                crops = dataset.clip_arrays(ci)["crops"]  # (T, S, S, 3) uint8
+                zs, cs = [], []
+                for a in range(clip.lo, clip.hi, batch):
+                    x = _to_image(crops[a:min(a + batch, clip.hi)]).to(device)  # (b, 3, S, S), as the dataset
+                    zs.append(model.encode(x).float())
+                    cs.append(model.encode_masked(x).float())  # the dataset's masked crop
+                self.lo.append(clip.lo)
+                self.z.append(torch.cat(zs))
+                self.ctx.append(torch.cat(cs))
+
+    @staticmethod
+    def estimate_bytes(model: nn.Module, dataset: Any) -> int:
+        """Bytes the cache would hold (two float32 latents per frame), from one encoded frame's shape."""
+        with torch.no_grad():
+            p = next(model.autoencoder.parameters())
+            z = model.encode(torch.zeros(1, 3, dataset.S, dataset.S, device=p.device, dtype=p.dtype))
+        return int(sum(c.hi - c.lo for c in dataset.clips)) * 2 * z[0].numel() * 4
+
+    def lookup(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(z0 (B*L, C, h, w), context (B*L, C, h, w), z_r (B, C, h, w)) of the batch's frames."""
+        clips = batch["clip_index"].tolist()  # (B,)
+        frames = batch["frame_index"].tolist()  # (B, L)
+        refs = batch["reference_index"].tolist()  # (B,)
+        dev = self.z[0].device
+        win = [torch.as_tensor([f - self.lo[c] for f in fr], device=dev) for c, fr in zip(clips, frames)]
+        z0 = torch.cat([self.z[c][w] for c, w in zip(clips, win)])
+        ctx = torch.cat([self.ctx[c][w] for c, w in zip(clips, win)])
+        z_r = torch.stack([self.z[c][r - self.lo[c]] for c, r in zip(clips, refs)])
+        return z0, ctx, z_r
+
+
+@torch.no_grad()
+def latent_scale_factor(ae: nn.Module, dataset, device: torch.device, seed: int = 0, max_frames: int = 512,
+                        batch: int = 32) -> float:
+    """1 / std of posterior samples of up to ``max_frames`` training crops (LDM's rule)."""
+    ae.eval()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(dataset), generator=g)[:max_frames].tolist()
+    zs = []
+    for i in range(0, len(idx), batch):
+        x = torch.stack([dataset[j]["crops"] for j in idx[i:i + batch]]).to(device)
+        post = ae.encode(x)
+        eps = torch.randn(post.mean.shape, generator=g).to(device)
+        zs.append((post.mean + post.std * eps).flatten().cpu())
+    std = float(torch.cat(zs).std())
+    ae.train()
+    return 1.0 / max(std, 1e-8)

@@ -1,0 +1,171 @@
+"""One micro-batch of each stage's loss (the modules DDP wraps) and the pieces only they use:
+the sideways latent shift, the mouth weighting of eq. 1, gradient checkpointing.
+
+Stage ``talkformer`` (paper eq. 6, docs/architecture.md "The U-Net contract"):
+    L_total = L_ldm + lambda * L1,  lambda = cfg.train.landmark_loss_weight (10)
+    L1    = LandmarkCompletion.l1_loss(predicted jaw+lips, ground truth)  (box frame, IP-LAP's nn.L1Loss)
+    L_ldm = diffusion.ldm_loss (eq. 1, lower half) with z0 = E(crop), context = E(masked crop),
+            z_r = E(reference crop); the U-Net's M-Align gets the completion module's PREDICTED
+            landmarks mapped box -> crop (topology.box_to_crop, differentiable), so L_ldm reaches the
+            completion module (end_to_end=True); end_to_end=False feeds the ground truth (crop frame).
+    The autoencoder is frozen.
+Stage ``autoencoder``: L1 + KL (LDM's weighting: KL weight relative to the per-pixel-summed
+    reconstruction loss).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..config import TalkFormerConfig
+from .latents import LatentCache
+
+
+def enable_grad_checkpointing(model: nn.Module) -> int:
+    """Recompute ResBlocks and TalkFormer blocks in the backward pass (non-reentrant, RNG-exact)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from ..models.talkformer import TalkFormerBlock
+    from ..models.unet import ResBlock
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (ResBlock, TalkFormerBlock)) and not getattr(m, "_tf_ckpt", False):
+            orig = m.forward
+
+            def fwd(*a, _orig=orig, **k):
+                if torch.is_grad_enabled():
+                    return checkpoint(_orig, *a, use_reentrant=False, **k)
+                return _orig(*a, **k)
+
+            m.forward = fwd
+            m._tf_ckpt = True
+            n += 1
+    return n
+
+
+def shift_columns(z: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """Shift each latent sideways by whole cells: z (N, C, h, w), k (N,) long (+ = right) ->
+    (shifted z, valid (N, 1, 1, w) bool). Output column j is input column j - k; the k columns that
+    come in from outside repeat the edge column and are marked invalid (no loss target there).
+    A whole-cell shift of an f-times-downsampling conv autoencoder's latent is, away from the border,
+    the latent of the image shifted by f*k pixels (TrainConfig.shift_augment)."""
+    N, C, h, w = z.shape
+    src = torch.arange(w, device=z.device)[None] - k[:, None]  # (N, w)
+    valid = (src >= 0) & (src < w)
+    idx = src.clamp(0, w - 1)[:, None, None, :].expand(N, C, h, w)
+    return z.gather(3, idx), valid[:, None, None, :]
+
+
+def mouth_weight(landmarks: Tensor, hw: tuple[int, int], w_mouth: float) -> Tensor:
+    """Per-cell weights of eq. 1's error (TrainConfig.mouth_loss_weight): ``w_mouth`` on the latent
+    cells that the lips' box (crop frame, ``landmarks`` (N, 131, 2) in [0, 1]) touches, grown by one
+    cell, 1 elsewhere. -> (N, 1, h, w)."""
+    from ..face.topology import LIP_POS
+
+    h, w = int(hw[0]), int(hw[1])
+    lips = landmarks[:, list(LIP_POS)].detach().float()  # (N, 40, 2)
+    lo, hi = lips.amin(1), lips.amax(1)  # (N, 2) x, y
+    cx = (torch.arange(w, device=lips.device, dtype=lips.dtype) + 0.5) / w  # cell centres
+    cy = (torch.arange(h, device=lips.device, dtype=lips.dtype) + 0.5) / h
+    in_x = (cx[None] >= lo[:, :1] - 1.0 / w) & (cx[None] <= hi[:, :1] + 1.0 / w)  # (N, w)
+    in_y = (cy[None] >= lo[:, 1:] - 1.0 / h) & (cy[None] <= hi[:, 1:] + 1.0 / h)  # (N, h)
+    box = in_y[:, :, None] & in_x[:, None, :]  # (N, h, w)
+    return (1.0 + (float(w_mouth) - 1.0) * box.to(landmarks.dtype))[:, None]
+
+
+class TalkFormerStep(nn.Module):
+    """One micro-batch of the joint loss (eq. 6). The module DDP wraps (its forward is the step)."""
+
+    def __init__(self, model: nn.Module, cfg: TalkFormerConfig, latents: LatentCache | None = None):
+        super().__init__()
+        from ..diffusion import NoiseSchedule
+
+        self.model = model
+        self.cfg = cfg
+        self.schedule = NoiseSchedule(cfg.model.diffusion)
+        self.latents = latents  # not a module: never in a state dict, never broadcast by DDP
+
+    def forward(self, batch: Mapping[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        parts = self.losses(batch, generator)
+        return parts["loss"], {"ldm": parts["ldm"].detach(), "l1": parts["l1"].detach()}
+
+    def losses(self, batch: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        """{"loss": L_ldm + lambda * L1, "ldm": L_ldm, "l1": L1}, all with their graphs."""
+        from ..diffusion import ldm_loss
+        from ..face.topology import CONTENT_POS, box_to_crop
+
+        m, tc = self.model, self.cfg.train
+        crops, masked = batch["crops"], batch["masked"]  # (B, L, 3, S, S)
+        B, L = crops.shape[:2]
+        # stage 1: landmark completion (box frame)
+        content = m.landmark.predict_content(batch["mels"], batch["pose"], batch["ref_landmarks"])  # (B, L, 57, 2)
+        target = batch["target_box"][:, :, list(CONTENT_POS)]  # (B, L, 57, 2)
+        l1 = m.landmark.l1_loss(content, target)
+        if tc.end_to_end:  # predicted landmarks -> crop frame, differentiable: L_ldm reaches stage 1
+            lm_box = m.landmark.merge(batch["pose"], content)  # (B, L, 131, 2)
+            lm_crop = box_to_crop(lm_box, batch["landmark_box"], batch["crop_box"])  # (B, L, 131, 2)
+        else:
+            lm_crop = batch["target_crop"]
+        # stage 2: latents of the frozen autoencoder
+        if self.latents is not None:
+            z0, ctx, z_r = self.latents.lookup(batch)
+            z0, ctx, z_r = (z.to(crops.dtype) for z in (z0, ctx, z_r))
+        else:
+            with torch.no_grad():
+                z0 = m.encode(crops.flatten(0, 1))  # (B*L, C, h, w)
+                ctx = m.encode(masked.flatten(0, 1))  # (B*L, C, h, w)
+                z_r = m.encode(batch["reference"])  # (B, C, h, w)
+        T = self.schedule.num_timesteps
+        t = torch.randint(0, T, (B,), generator=generator, device=generator.device).to(z0.device)
+        t = t.repeat_interleave(L)  # one t per clip (Temp-Att sees one noise level)
+        noise = torch.randn(z0.shape, generator=generator, device=generator.device).to(z0.device, z0.dtype)
+        ref = m.prepare_reference(z_r)  # once per micro-batch, shared by its L frames
+        lms = lm_crop.flatten(0, 1)  # (B*L, 131, 2)
+        valid = None
+        if tc.shift_augment > 0:
+            K = int(tc.shift_augment)
+            k = torch.randint(-K, K + 1, (B,), generator=generator, device=generator.device).to(z0.device)
+            k = k.repeat_interleave(L)  # (B*L,) one shift per window: its frames move together
+            z0, valid = shift_columns(z0, k)
+            ctx, _ = shift_columns(ctx, k)
+            lms = lms + torch.stack([k.to(lms.dtype) / z0.shape[-1], torch.zeros_like(k, dtype=lms.dtype)], -1)[:, None]
+
+        def model_fn(z_t: Tensor, tt: Tensor) -> Tensor:
+            return m.unet(z_t, tt, lms, ref, num_frames=L)
+
+        weight = None
+        if tc.mouth_loss_weight != 1.0:
+            weight = mouth_weight(lms, z0.shape[-2:], tc.mouth_loss_weight)
+        ldm, _ = ldm_loss(model_fn, z0, ctx, self.schedule, t=t, noise=noise, valid=valid, weight=weight)
+        return {"loss": ldm + tc.landmark_loss_weight * l1, "ldm": ldm, "l1": l1}
+
+
+class AutoencoderStep(nn.Module):
+    """L1 + KL (LDM's weighting), optional perceptual term."""
+
+    def __init__(self, ae: nn.Module, cfg: TalkFormerConfig, perceptual: nn.Module | None = None,
+                 perceptual_weight: float = 1.0):
+        super().__init__()
+        self.ae = ae
+        self.cfg = cfg
+        self.perceptual = perceptual
+        self.perceptual_weight = perceptual_weight
+
+    def forward(self, batch: Mapping[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        x = batch["crops"]  # (B, 3, S, S)
+        post = self.ae.encode(x)
+        eps = torch.randn(post.mean.shape, generator=generator, device=generator.device).to(x.device, x.dtype)
+        rec = self.ae.decode(post.mean + post.std * eps)
+        l1 = (rec - x).abs().mean()
+        # LDM: nll = sum over pixels / B, loss = nll + kl_weight * kl; here divided by the pixel count
+        kl = post.kl().mean() / x[0].numel()
+        loss = l1 + self.cfg.train.autoencoder_kl_weight * kl
+        logs = {"l1": l1.detach(), "kl": kl.detach()}
+        if self.perceptual is not None:
+            p = self.perceptual(rec, x).mean()
+            loss = loss + self.perceptual_weight * p
+            logs["perceptual"] = p.detach()
+        return loss, logs
