@@ -83,7 +83,7 @@ def page(results: dict[str, dict], a: argparse.Namespace) -> str:
              "the nose length (`talkformer_core.eval.dubbing`); generated faces measured by mediapipe on the crops "
              "at 256 px.", "",
              "| clip | opening of | corr with the audio's truth ↑ | corr with the template | same, given the audio's "
-             "truth | lip-shape error ↓ |", "|---|---|---|---|---|---|"]
+             "truth | faces: corr with the landmarks drawn | lip-shape error ↓ |", "|---|---|---|---|---|---|---|"]
     for clip, res in results.items():
         d = res["report"]["dubbing"]
         for key, name in DUB_ROWS:
@@ -91,12 +91,13 @@ def page(results: dict[str, dict], a: argparse.Namespace) -> str:
                 continue
             r = d["rows"][key]
             lines.append(f"| {clip} | {name} | {_f(r['corr_audio'])} | {_f(r['corr_template'])} | "
-                         f"{_f(r['corr_template_given_audio'])} | {_f(r.get('lip_shape_error'))} |")
-        lines.append(f"| {clip} | template's own lips | | | | {_f(d['rows']['template_lips']['lip_shape_error'])} |")
+                         f"{_f(r['corr_template_given_audio'])} | {_f(r.get('corr_landmarks'))} | "
+                         f"{_f(r.get('lip_shape_error'))} |")
+        lines.append(f"| {clip} | template's own lips | | | | | {_f(d['rows']['template_lips']['lip_shape_error'])} |")
     lines += ["", "Lip-shape error: mean distance of the 40 lip points to the new audio's true lips after a "
               "similarity alignment on the upper face, in nose lengths.", "",
               "| clip | frames | audio's truth vs template's truth | stage 1 on the template's own audio | "
-              "silence: stage 1 max / closed range | silence: faces max / 90th pct / closed range | "
+              "silence: stage 1 max / closed range | silence: faces max / 90th pct / closed range / autoencoder's closed range | "
               "minutes (pre / AE / TF / report) | steps (AE / TF) |", "|---|---|---|---|---|---|---|---|"]
     for clip, res in results.items():
         d = res["report"]["dubbing"]
@@ -107,7 +108,7 @@ def page(results: dict[str, dict], a: argparse.Namespace) -> str:
                      f"{_f(d['rows']['stage1_own_audio']['corr_audio'])} | "
                      f"{_f(s.get('stage1_max'), '.4f')} / {_f(s.get('stage1_closed'), '.4f')} | "
                      f"{_f(s.get('faces_max'), '.4f')} / {_f(s.get('faces_p90'), '.4f')} / "
-                     f"{_f(s.get('faces_closed'), '.4f')} | "
+                     f"{_f(s.get('faces_closed'), '.4f')} / {_f(s.get('faces_closed_autoencoder'), '.4f')} | "
                      + " / ".join(f"{m.get(k, 0):.1f}" for k in ("preprocess", "autoencoder", "talkformer", "report"))
                      + f" | {st.get('autoencoder', 0)} / {st.get('talkformer', 0)} |")
     lines += ["", bar(results), "", "Self-reconstruction of the same models (held-out frames [0.6, 1.0) driven by "

@@ -109,6 +109,31 @@ def test_tiny_finetune_interrupt_resume_and_report(videos, tmp_path):
     assert json.loads(json.dumps(rep, default=float)) == rep
 
 
+def test_dubbing_report_on_a_tiny_run(videos, tmp_path):
+    """``finetune --holdout F --dubbing``'s report on a tiny run: every row for both correlations,
+    the silence check with the real frames' closed range and the autoencoder's beside it, and its
+    text; the template and the new audio are the held-out part's two halves."""
+    from talkformer_core.finetune.dubbing import dubbing_report, format_dubbing
+    from talkformer_core.finetune.run import finetune, work_dir_for
+
+    out = tmp_path / "person.safetensors"
+    finetune(videos / "talk.mp4", out, budget_minutes=600.0, holdout=0.25, preset="tiny", steps=2, eval_every=0,
+             sampler_steps=2, print_fn=None, tqdm_bar=False)
+    shard = next((work_dir_for(out)).rglob("*.npz"))
+    rep = dubbing_report(out, shard, 0.25, steps=2)
+    a0, a1 = rep["audio_frames"]
+    t0, t1 = rep["template_frames"]
+    assert a1 <= t0 and t1 - t0 == a1 - a0 == rep["frames"] and a0 >= rep["train_frames"]
+    for key in ("stage1", "faces", "renderer_true_landmarks", "loudness"):
+        assert {"corr_audio", "corr_template", "corr_template_given_audio"} <= set(rep["rows"][key])
+    assert "corr_landmarks" in rep["rows"]["faces"] and "corr_landmarks" in rep["rows"]["renderer_true_landmarks"]
+    s = rep["silence"]
+    assert s["frames"] == 50 and s["stage1_closed"] > 0
+    assert {"faces_max", "faces_p90", "faces_closed", "faces_closed_autoencoder", "faces_ok"} <= set(s)
+    text = format_dubbing(rep, "talk.mp4")
+    assert "the autoencoder's reconstructions of those frames" in text and "loudness model" in text
+
+
 def test_baselines_are_exact_on_a_static_clip():
     """A clip whose frames are all the same image: copy-reference and mean-mouth reproduce the test
     frames (identity alignment), so their lower-half PSNR is very high."""

@@ -266,6 +266,41 @@ def test_mouth_weight_covers_the_lips_box():
     assert torch.equal(mouth_weight(lm, (16, 16), 1.0), torch.ones(2, 1, 16, 16))
 
 
+def test_autoencoder_mouth_weight_is_a_weighted_l1_on_the_lips_box(shards):
+    """TrainConfig.autoencoder_mouth_weight: the autoencoder stage's L1 becomes the weighted mean of
+    |rec - x| with weight w on the lips' box (grown by S/16 pixels) of each found frame, 1 elsewhere;
+    frames without a face and w = 1 give the plain L1."""
+    from talkformer_core.data.dataset import FrameDataset
+    from talkformer_core.models.autoencoder import AutoencoderKL
+    from talkformer_core.train.steps import AutoencoderStep, mouth_weight
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    ae = AutoencoderKL(cfg.model.autoencoder)
+    ds = FrameDataset(shards, cfg)
+    batch = torch.utils.data.default_collate([ds[i] for i in (0, 5, 11, 17)])
+    x, S = batch["crops"], cfg.model.image_size
+    assert batch["landmarks"].shape == (4, 131, 2) and batch["found"].all()
+
+    def l1(w: float, found: bool = True) -> float:
+        cfg.train.autoencoder_mouth_weight = w
+        b = dict(batch, found=torch.full((4,), found))
+        with torch.no_grad():
+            return float(AutoencoderStep(ae, cfg)(b, torch.Generator().manual_seed(3))[1]["l1"])
+
+    with torch.no_grad():  # the step's reconstruction, redrawn with the same generator
+        post = ae.encode(x)
+        eps = torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(3))
+        err = (ae.decode(post.mean + post.std * eps) - x).abs()  # (4, 3, S, S)
+    wmap = mouth_weight(batch["landmarks"], (S, S), 6.0, grow=S // 16)
+    assert 0.02 < float((wmap > 1).float().mean()) < 0.5  # the lips' box: a part of the crop
+    want = float((err * wmap).sum() / (wmap.sum() * 3))
+    assert l1(6.0) == pytest.approx(want, rel=1e-5)
+    assert l1(1.0) == pytest.approx(float(err.mean()), rel=1e-5)
+    assert l1(6.0, found=False) == pytest.approx(float(err.mean()), rel=1e-5)
+    assert abs(l1(6.0) - l1(1.0)) > 1e-4  # the box's error differs from the rest's: the weight counts
+
+
 def test_shift_columns_moves_latents_by_whole_cells():
     from talkformer_core.train.steps import shift_columns
 

@@ -213,7 +213,9 @@ class TalkingFaceDataset(Dataset):
 
 
 class FrameDataset(Dataset):
-    """Single face crops for the autoencoder stage: item -> (3, S, S) float in [-1, 1].
+    """Single face crops for the autoencoder stage: item -> {"crops": (3, S, S) float in [-1, 1],
+    "landmarks": (131, 2) crop frame in [0, 1], "found": () bool} (landmarks are zeros where no face
+    was found; TrainConfig.autoencoder_mouth_weight weights the lips' box only where found).
 
     Every frame of every clip inside ``frames`` (with or without a found face: the crop is an
     image either way). Accepts ``(index, epoch)`` items like TalkingFaceDataset.
@@ -222,6 +224,8 @@ class FrameDataset(Dataset):
     def __init__(self, shard_dir: str | Path, cfg: TalkFormerConfig, frames: tuple[float, float] = (0.0, 1.0)):
         self.S = int(cfg.model.image_size)
         self.crops: list[np.ndarray] = []
+        self.points: list[np.ndarray] = []
+        self.found: list[np.ndarray] = []
         self.index: list[tuple[int, int]] = []
         for path in list_shards(shard_dir):
             d = load_shard(path)
@@ -232,6 +236,9 @@ class FrameDataset(Dataset):
             lo, hi = int(round(frames[0] * T)), int(round(frames[1] * T))
             ci = len(self.crops)
             self.crops.append(c)
+            found = d["found"].astype(bool)
+            self.found.append(found)
+            self.points.append(np.where(found[:, None, None], np.nan_to_num(d["points131_crop"]), 0.0).astype(np.float32))
             self.index += [(ci, t) for t in range(lo, hi)]
         if not self.index:
             raise InputError(f"{shard_dir}: no frames in {frames}")
@@ -242,4 +249,5 @@ class FrameDataset(Dataset):
     def __getitem__(self, item: Any) -> dict[str, torch.Tensor]:
         index = item if isinstance(item, (int, np.integer)) else int(item[0])
         ci, t = self.index[index]
-        return {"crops": _to_image(self.crops[ci][t])}
+        return {"crops": _to_image(self.crops[ci][t]), "landmarks": torch.from_numpy(self.points[ci][t]),
+                "found": torch.tensor(bool(self.found[ci][t]))}

@@ -25,6 +25,20 @@ def _points478(crops: np.ndarray) -> np.ndarray:
     return np.stack(out)
 
 
+def _reconstruct(model: Any, crops: np.ndarray, batch: int = 32) -> np.ndarray:
+    """The frozen autoencoder's reconstructions D(E(crop)): (B, S, S, 3) uint8 -> same."""
+    import torch
+
+    from ..pixels import to_pixels, to_signed
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(crops), batch):
+            x = to_signed(torch.from_numpy(np.ascontiguousarray(crops[i:i + batch])).to(model.device)).permute(0, 3, 1, 2)
+            out.append(to_pixels(model.model.decode(model.model.encode(x))).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
 def _anchor_x(content_box: np.ndarray, template_box: np.ndarray) -> np.ndarray:
     """Slide jaw + lips (T, 57, 2) sideways so the lips' mean x is the template's (as anchor_mouth_x)."""
     from ..face import topology
@@ -94,15 +108,20 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
             lm_cfg.mouth_blend = own
         rows["stage1" + suffix] = D.dubbing_scores(D.mouth_opening(s1), truth, tmpl)
         rows["stage1" + suffix]["lip_shape_error"] = float(np.nanmean(D.lip_shape_error(s1 * S, true_lips)))
-        rows["faces" + suffix] = D.dubbing_scores(D.mouth_opening(_points478(render(te, s1))), truth, tmpl)
+        faces = D.mouth_opening(_points478(render(te, s1)))
+        rows["faces" + suffix] = D.dubbing_scores(faces, truth, tmpl)
+        # does stage 2 follow the landmarks it was given? (apart from whether they follow the audio)
+        rows["faces" + suffix]["corr_landmarks"] = D.pearson(faces, D.mouth_opening(s1))
     shape_tmpl = D.lip_shape_error(h.points_crop[te].astype(np.float64) * S, true_lips)
     # renderer check: the new audio's true jaw + lips, in the template frame's stable box
     true_box = h.analysis.points_box(au, box)
     tmpl_box = h.analysis.points_box(te, box)
     placed = tmpl_box.copy()
     placed[:, list(topology.CONTENT_POS)] = _anchor_x(true_box[:, list(topology.CONTENT_POS)], tmpl_box)
-    gen_true = render(te, landmarks_to_crop(h.analysis, placed, te, model))
-    rows["renderer_true_landmarks"] = D.dubbing_scores(D.mouth_opening(_points478(gen_true)), truth, tmpl)
+    placed_crop = landmarks_to_crop(h.analysis, placed, te, model)
+    faces_true = D.mouth_opening(_points478(render(te, placed_crop)))
+    rows["renderer_true_landmarks"] = D.dubbing_scores(faces_true, truth, tmpl)
+    rows["renderer_true_landmarks"]["corr_landmarks"] = D.pearson(faces_true, D.mouth_opening(placed_crop))
     loud = D.LoudnessModel.fit(D.frame_loudness(h.mels[tr]), D.mouth_opening(pts[tr]))
     rows["loudness"] = D.dubbing_scores(loud.predict(D.frame_loudness(h.mels[au])), truth, tmpl)
     rows["template_lips"] = {"lip_shape_error": float(np.nanmean(shape_tmpl))}
@@ -121,9 +140,13 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
         o2 = D.mouth_opening(_points478(render(idx, s1_sil)))
         thr1 = D.closed_threshold(D.mouth_opening(pts[tr]))
         thr2 = D.closed_threshold(D.mouth_opening(_points478(h.crops[tr])))
+        # the same range on the autoencoder's reconstructions of those frames: the most closed mouth
+        # the renderer's decoder draws (a diagnostic beside the bar, which stays the real frames')
+        thr_ae = D.closed_threshold(D.mouth_opening(_points478(_paste(_reconstruct(model, h.crops[tr]), h.crops[tr], mask))))
         rep["silence"] = {"frames": int(sil.num_frames), "stage1_max": float(np.nanmax(o1)), "stage1_closed": thr1,
                           "faces_max": float(np.nanmax(o2)), "faces_p90": float(np.nanquantile(o2, 0.9)),
-                          "faces_closed": thr2, "faces_missed": int(np.isnan(o2).sum()),
+                          "faces_closed": thr2, "faces_closed_autoencoder": thr_ae,
+                          "faces_missed": int(np.isnan(o2).sum()),
                           "stage1_ok": bool(np.nanmax(o1) <= thr1), "faces_ok": bool(np.nanmax(o2) <= thr2)}
     return rep
 
@@ -142,20 +165,21 @@ def format_dubbing(rep: dict[str, Any], clip: str = "this clip") -> str:
              f"{rep['audio_frames']} ({rep['frames']} frames; {rep['train_frames']} training frames; "
              f"box {rep['landmark_box']}; mouth model {'on' if rep['mouth_model'] else 'off'})",
              "| clip | opening of | corr with the audio's truth ↑ | corr with the template | same, given the audio | "
-             "lip-shape error (x nose length) ↓ |", "|---|---|---|---|---|---|"]
+             "faces: corr with the landmarks drawn | lip-shape error (x nose length) ↓ |", "|---|---|---|---|---|---|---|"]
     for key, name in DUB_ROWS:
         if key not in rep["rows"]:
             continue
         r = rep["rows"][key]
         lse = r.get("lip_shape_error")
         lines.append(f"| {clip} | {name} | {_f(r['corr_audio'], '.3f')} | {_f(r['corr_template'], '.3f')} | "
-                     f"{_f(r['corr_template_given_audio'], '.3f')} | {_f(lse, '.3f')} |")
-    lines.append(f"| {clip} | template's own lips | | | | {_f(rep['rows']['template_lips']['lip_shape_error'], '.3f')} |")
+                     f"{_f(r['corr_template_given_audio'], '.3f')} | {_f(r.get('corr_landmarks'), '.3f')} | {_f(lse, '.3f')} |")
+    lines.append(f"| {clip} | template's own lips | | | | | {_f(rep['rows']['template_lips']['lip_shape_error'], '.3f')} |")
     lines.append(f"audio's truth vs template truth: {_f(rep['rows']['stage1']['truth_vs_template'], '.3f')}; "
                  f"stage 1 on the template's own audio: {_f(rep['rows']['stage1_own_audio']['corr_audio'], '.3f')}")
     if "silence" in rep:
         s = rep["silence"]
         lines.append(f"silence ({s['frames']} frames): stage 1 max opening {s['stage1_max']:.4f} (closed range <= "
                      f"{s['stage1_closed']:.4f}: {s['stage1_ok']}); faces max {s['faces_max']:.4f}, 90th pct "
-                     f"{s['faces_p90']:.4f} (closed range <= {s['faces_closed']:.4f}: {s['faces_ok']})")
+                     f"{s['faces_p90']:.4f} (closed range <= {s['faces_closed']:.4f}: {s['faces_ok']}; the autoencoder's "
+                     f"reconstructions of those frames: <= {s.get('faces_closed_autoencoder', float('nan')):.4f})")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ Stage ``talkformer`` (paper eq. 6, docs/architecture.md "The U-Net contract"):
             completion module (end_to_end=True); end_to_end=False feeds the ground truth (crop frame).
     The autoencoder is frozen.
 Stage ``autoencoder``: L1 + KL (LDM's weighting: KL weight relative to the per-pixel-summed
-    reconstruction loss).
+    reconstruction loss); the L1 optionally weighted on the lips' box (autoencoder_mouth_weight).
 """
 from __future__ import annotations
 
@@ -59,10 +59,10 @@ def shift_columns(z: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
     return z.gather(3, idx), valid[:, None, None, :]
 
 
-def mouth_weight(landmarks: Tensor, hw: tuple[int, int], w_mouth: float) -> Tensor:
-    """Per-cell weights of eq. 1's error (TrainConfig.mouth_loss_weight): ``w_mouth`` on the latent
-    cells that the lips' box (crop frame, ``landmarks`` (N, 131, 2) in [0, 1]) touches, grown by one
-    cell, 1 elsewhere. -> (N, 1, h, w)."""
+def mouth_weight(landmarks: Tensor, hw: tuple[int, int], w_mouth: float, grow: int = 1) -> Tensor:
+    """Per-cell weights of eq. 1's error (TrainConfig.mouth_loss_weight) or of the autoencoder's L1
+    (autoencoder_mouth_weight, on pixels): ``w_mouth`` on the cells that the lips' box (crop frame,
+    ``landmarks`` (N, 131, 2) in [0, 1]) touches, grown by ``grow`` cells, 1 elsewhere. -> (N, 1, h, w)."""
     from ..face.topology import LIP_POS
 
     h, w = int(hw[0]), int(hw[1])
@@ -70,8 +70,8 @@ def mouth_weight(landmarks: Tensor, hw: tuple[int, int], w_mouth: float) -> Tens
     lo, hi = lips.amin(1), lips.amax(1)  # (N, 2) x, y
     cx = (torch.arange(w, device=lips.device, dtype=lips.dtype) + 0.5) / w  # cell centres
     cy = (torch.arange(h, device=lips.device, dtype=lips.dtype) + 0.5) / h
-    in_x = (cx[None] >= lo[:, :1] - 1.0 / w) & (cx[None] <= hi[:, :1] + 1.0 / w)  # (N, w)
-    in_y = (cy[None] >= lo[:, 1:] - 1.0 / h) & (cy[None] <= hi[:, 1:] + 1.0 / h)  # (N, h)
+    in_x = (cx[None] >= lo[:, :1] - grow / w) & (cx[None] <= hi[:, :1] + grow / w)  # (N, w)
+    in_y = (cy[None] >= lo[:, 1:] - grow / h) & (cy[None] <= hi[:, 1:] + grow / h)  # (N, h)
     box = in_y[:, :, None] & in_x[:, None, :]  # (N, h, w)
     return (1.0 + (float(w_mouth) - 1.0) * box.to(landmarks.dtype))[:, None]
 
@@ -159,7 +159,14 @@ class AutoencoderStep(nn.Module):
         post = self.ae.encode(x)
         eps = torch.randn(post.mean.shape, generator=generator, device=generator.device).to(x.device, x.dtype)
         rec = self.ae.decode(post.mean + post.std * eps)
-        l1 = (rec - x).abs().mean()
+        w_mouth = float(self.cfg.train.autoencoder_mouth_weight)
+        if w_mouth != 1.0 and "landmarks" in batch:
+            S = x.shape[-1]
+            wmap = mouth_weight(batch["landmarks"].to(x.dtype), (S, S), w_mouth, grow=max(S // 16, 1))
+            wmap = torch.where(batch["found"].view(-1, 1, 1, 1), wmap, torch.ones_like(wmap))  # (B, 1, S, S)
+            l1 = ((rec - x).abs() * wmap).mean() / wmap.mean()  # a weighted mean: same scale as plain L1
+        else:
+            l1 = (rec - x).abs().mean()
         # LDM: nll = sum over pixels / B, loss = nll + kl_weight * kl; here divided by the pixel count
         kl = post.kl().mean() / x[0].numel()
         loss = l1 + self.cfg.train.autoencoder_kl_weight * kl
