@@ -246,7 +246,9 @@ def _is_interrupt(e: BaseException) -> bool:
 
 def _resumable(work: Path) -> bool:
     """A training state was written: a later run with resume on continues from it."""
-    return any((work / stage / "last.state.safetensors").exists() for stage in ("ae", "talkformer"))
+    from talkformer_core.train.loop import STATE_NAME
+
+    return any((work / stage / STATE_NAME).exists() for stage in ("ae", "talkformer"))
 
 
 NODE_CLASS_MAPPINGS = {"TalkFormerTrainOnVideo": TrainTalkFormerOnVideo}

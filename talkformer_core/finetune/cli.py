@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from ..errors import TalkFormerError
 from .dubbing import dubbing_report, format_dubbing
 from .holdout import format_report, holdout_report
 from .presets import PRESETS
@@ -63,14 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _report_only(a: argparse.Namespace) -> int:
+    from ..clitools import error
     from ..data.preprocess import shard_name
 
     work = work_dir_for(a.out)
     st = _load_state(work)
     shards = sorted(work.glob(f"shards_*/{shard_name(Path(a.video))}"))
     if not st or not shards or not Path(a.out).is_file():
-        print(f"error: --report-only: no finished run in {work} for {a.video}", file=sys.stderr)
-        return 2
+        return error(f"--report-only: no finished run in {work} for {a.video}")
     holdout = float(st["holdout"]) if not a.holdout else a.holdout
     rep = holdout_report(a.out, shards[0], holdout, device=a.device, vae=a.vae, steps=a.sampler_steps,
                          seed=a.seed, noise_scale=a.noise_scale)
@@ -91,27 +89,27 @@ def _report_only(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..clitools import error, run
+
     a = build_parser().parse_args(argv)
     if a.report_only:
         return _report_only(a)
-    try:
+
+    def body() -> int:
         res = finetune(a.video, a.out, budget_minutes=a.budget_minutes, vae=a.vae, init_landmarks=a.init_landmarks,
                        holdout=a.holdout, device=a.device, resume=a.resume, preset=a.preset, steps=a.steps,
                        ae_steps=a.ae_steps,
                        crop_size=a.crop_size, lr=a.lr, batch_size=a.batch_size, bf16=a.bf16, seed=a.seed,
                        eval_every=a.eval_every, sampler_steps=a.sampler_steps, noise_scale=a.noise_scale,
                        dubbing=a.dubbing, threads=a.threads)
-    except TalkFormerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: a resumable checkpoint is in {work_dir_for(a.out)}; run again with --resume",
-              file=sys.stderr)
-        return 130
-    if a.report_json:
-        Path(a.report_json).write_text(json.dumps({"checkpoint": str(res.checkpoint), "minutes": res.minutes,
-                                                   "steps": res.steps, "report": res.report,
-                                                   "history": res.history, "speed": res.speed}, indent=1, default=float))
-    print(json.dumps({"checkpoint": str(res.checkpoint), "minutes": {k: round(v, 2) for k, v in res.minutes.items()},
-                      "steps": res.steps}))
-    return 0
+        if a.report_json:
+            Path(a.report_json).write_text(json.dumps({"checkpoint": str(res.checkpoint), "minutes": res.minutes,
+                                                       "steps": res.steps, "report": res.report,
+                                                       "history": res.history, "speed": res.speed},
+                                                      indent=1, default=float))
+        print(json.dumps({"checkpoint": str(res.checkpoint),
+                          "minutes": {k: round(v, 2) for k, v in res.minutes.items()}, "steps": res.steps}))
+        return 0
+
+    return run(body, on_interrupt=f"interrupted: a resumable checkpoint is in {work_dir_for(a.out)}; "
+                                  f"run again with --resume")

@@ -153,6 +153,7 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
 
     from ..data.preprocess import options_for, process_clip, Rejected, save_shard, shard_name
     from ..train import train
+    from ..train.loop import CHECKPOINT_NAME, STATE_NAME
 
     video, out = Path(video), Path(out)
     validate_inputs(video, out, budget_minutes=budget_minutes, holdout=holdout, vae=vae,
@@ -254,7 +255,7 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
             try:
                 res = train(cfg, stage="autoencoder", data=shards, out=ae_dir, steps=10 ** 7 if ae_steps is None else
                             ae_steps, batch_size=ae_batch, frames=frames, budget_minutes=max(left, 0.05),
-                            resume=(ae_dir / "last.state.safetensors").exists(), device=device, bf16=bf16, seed=seed,
+                            resume=(ae_dir / STATE_NAME).exists(), device=device, bf16=bf16, seed=seed,
                             callback=ae_cb, progress=False, log_every=10)
             finally:
                 bar.close()
@@ -266,7 +267,7 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
             say(f"[finetune] autoencoder: {res.metrics['final_step']} steps, L1 {res.metrics['l1'][-1]:.4f}, "
                 f"latent scale {res.metrics['scale_factor']:.3f}; {_speed(res.metrics, 'crops')}")
             result.speed["autoencoder"] = _speed_dict(res.metrics)
-        ae_ck = ae_dir / "last.safetensors"
+        ae_ck = ae_dir / CHECKPOINT_NAME
     result.steps["autoencoder"] = int(st.get("ae_steps", 0))
 
     # 3. TalkFormer, joint loss (eq. 6); held-out quick metrics from the periodic checkpoint
@@ -281,7 +282,7 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
         bar.step(step, vals)
         info: dict[str, Any] = dict(vals)
         if quick is not None and step % eval_every == 0:
-            m, preview = quick(tf_dir / "last.safetensors")
+            m, preview = quick(tf_dir / CHECKPOINT_NAME)
             m["step"] = step
             result.history.append(m)
             info["metrics"], info["preview"] = m, preview
@@ -295,7 +296,7 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
         res = train(cfg, stage="talkformer", data=shards, out=tf_dir, steps=10 ** 7 if steps is None else steps,
                     autoencoder=ae_ck if vae is None else None, vae=vae, init_landmarks=init_landmarks,
                     frames=frames, budget_minutes=max(tf_left, 0.05), ema=True,
-                    resume=(tf_dir / "last.state.safetensors").exists(), device=device, bf16=bf16, seed=seed,
+                    resume=(tf_dir / STATE_NAME).exists(), device=device, bf16=bf16, seed=seed,
                     save_every=eval_every if eval_every else 0, callback=tf_cb, progress=False, log_every=10)
     finally:
         bar.close()
