@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     from talkformer_core import sampling as S
     from talkformer_core.face import topology
-    from talkformer_core.finetune.dubbing import _points478
+    from talkformer_core.finetune.dubbing import points478
     from talkformer_core.finetune.holdout import load_holdout, reference_frame
     from talkformer_core.pipeline import encode_reference, load_model
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
            "runs": {}}
     for name, kw in runs.items():
         gen = S.FaceSampler(model, ref, steps=a.steps, sampler=a.sampler, **kw)(crops, lms)
-        pts = _points478(gen)[:, lips]  # (T, 40, 2) px at 256
+        pts = points478(gen)[:, lips]  # (T, 40, 2) px at 256
         d = second_difference(pts)
         S_ = gen.shape[1]
         pix = second_difference(gen[:, S_ // 2:].reshape(len(gen), -1, 1).astype(np.float64))  # lower half

@@ -15,7 +15,7 @@ from pathlib import Path
 from .dubbing import dubbing_report, format_dubbing
 from .holdout import format_report, holdout_report
 from .presets import PRESETS
-from .run import _load_state, finetune, work_dir_for
+from .run import load_state, finetune, work_dir_for
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +65,7 @@ def _report_only(a: argparse.Namespace) -> int:
     from ..data.preprocess import shard_name
 
     work = work_dir_for(a.out)
-    st = _load_state(work)
+    st = load_state(work)
     shards = sorted(work.glob(f"shards_*/{shard_name(Path(a.video))}"))
     if not st or not shards or not Path(a.out).is_file():
         return error(f"--report-only: no finished run in {work} for {a.video}")

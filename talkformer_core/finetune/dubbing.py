@@ -8,18 +8,18 @@ from typing import Any
 
 import numpy as np
 
-from .holdout import _f, _paste, _upscale, load_holdout, reference_frame
+from .holdout import fmt, load_holdout, paste_lower_face, reference_frame, upscale
 
 SILENCE_SECONDS = 2.0
 
 
-def _points478(crops: np.ndarray) -> np.ndarray:
+def points478(crops: np.ndarray) -> np.ndarray:
     """mediapipe (tracking mode, one sequence) on crops upscaled to EVAL_CROP: (B, 478, 2) px, NaN if missed."""
     from ..face.landmarks import LandmarkDetector
 
     out = []
     with LandmarkDetector(max_num_faces=1) as det:
-        for c in _upscale(crops):
+        for c in upscale(crops):
             p, found = det.detect(c)
             out.append(p[:, :2].astype(np.float64) if found else np.full((478, 2), np.nan))
     return np.stack(out)
@@ -84,7 +84,7 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
     def render(idx: np.ndarray, lms_crop: np.ndarray) -> np.ndarray:
         gen = sample_faces(model, h.crops[idx], lms_crop, ref, steps=steps, sampler=sampler, seed=seed,
                            batch_size=32, noise=noise)
-        return _paste(gen, h.crops[idx], mask)
+        return paste_lower_face(gen, h.crops[idx], mask)
 
     def stage1(idx: np.ndarray, mels: np.ndarray) -> np.ndarray:
         lm_box = complete_landmarks(model, h.analysis, AudioFeatures(mels, len(idx), 25.0), idx, references=refs)
@@ -108,7 +108,7 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
             lm_cfg.mouth_blend = own
         rows["stage1" + suffix] = D.dubbing_scores(D.mouth_opening(s1), truth, tmpl)
         rows["stage1" + suffix]["lip_shape_error"] = float(np.nanmean(D.lip_shape_error(s1 * S, true_lips)))
-        faces = D.mouth_opening(_points478(render(te, s1)))
+        faces = D.mouth_opening(points478(render(te, s1)))
         rows["faces" + suffix] = D.dubbing_scores(faces, truth, tmpl)
         # does stage 2 follow the landmarks it was given? (apart from whether they follow the audio)
         rows["faces" + suffix]["corr_landmarks"] = D.pearson(faces, D.mouth_opening(s1))
@@ -119,7 +119,7 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
     placed = tmpl_box.copy()
     placed[:, list(topology.CONTENT_POS)] = _anchor_x(true_box[:, list(topology.CONTENT_POS)], tmpl_box)
     placed_crop = landmarks_to_crop(h.analysis, placed, te, model)
-    faces_true = D.mouth_opening(_points478(render(te, placed_crop)))
+    faces_true = D.mouth_opening(points478(render(te, placed_crop)))
     rows["renderer_true_landmarks"] = D.dubbing_scores(faces_true, truth, tmpl)
     rows["renderer_true_landmarks"]["corr_landmarks"] = D.pearson(faces_true, D.mouth_opening(placed_crop))
     loud = D.LoudnessModel.fit(D.frame_loudness(h.mels[tr]), D.mouth_opening(pts[tr]))
@@ -137,12 +137,12 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
         idx = np.resize(te, sil.num_frames)
         s1_sil = stage1(idx, sil.windows)
         o1 = D.mouth_opening(s1_sil)
-        o2 = D.mouth_opening(_points478(render(idx, s1_sil)))
+        o2 = D.mouth_opening(points478(render(idx, s1_sil)))
         thr1 = D.closed_threshold(D.mouth_opening(pts[tr]))
-        thr2 = D.closed_threshold(D.mouth_opening(_points478(h.crops[tr])))
+        thr2 = D.closed_threshold(D.mouth_opening(points478(h.crops[tr])))
         # the same range on the autoencoder's reconstructions of those frames: the most closed mouth
         # the renderer's decoder draws (a diagnostic beside the bar, which stays the real frames')
-        thr_ae = D.closed_threshold(D.mouth_opening(_points478(_paste(_reconstruct(model, h.crops[tr]), h.crops[tr], mask))))
+        thr_ae = D.closed_threshold(D.mouth_opening(points478(paste_lower_face(_reconstruct(model, h.crops[tr]), h.crops[tr], mask))))
         rep["silence"] = {"frames": int(sil.num_frames), "stage1_max": float(np.nanmax(o1)), "stage1_closed": thr1,
                           "faces_max": float(np.nanmax(o2)), "faces_p90": float(np.nanquantile(o2, 0.9)),
                           "faces_closed": thr2, "faces_closed_autoencoder": thr_ae,
@@ -171,11 +171,11 @@ def format_dubbing(rep: dict[str, Any], clip: str = "this clip") -> str:
             continue
         r = rep["rows"][key]
         lse = r.get("lip_shape_error")
-        lines.append(f"| {clip} | {name} | {_f(r['corr_audio'], '.3f')} | {_f(r['corr_template'], '.3f')} | "
-                     f"{_f(r['corr_template_given_audio'], '.3f')} | {_f(r.get('corr_landmarks'), '.3f')} | {_f(lse, '.3f')} |")
-    lines.append(f"| {clip} | template's own lips | | | | | {_f(rep['rows']['template_lips']['lip_shape_error'], '.3f')} |")
-    lines.append(f"audio's truth vs template truth: {_f(rep['rows']['stage1']['truth_vs_template'], '.3f')}; "
-                 f"stage 1 on the template's own audio: {_f(rep['rows']['stage1_own_audio']['corr_audio'], '.3f')}")
+        lines.append(f"| {clip} | {name} | {fmt(r['corr_audio'], '.3f')} | {fmt(r['corr_template'], '.3f')} | "
+                     f"{fmt(r['corr_template_given_audio'], '.3f')} | {fmt(r.get('corr_landmarks'), '.3f')} | {fmt(lse, '.3f')} |")
+    lines.append(f"| {clip} | template's own lips | | | | | {fmt(rep['rows']['template_lips']['lip_shape_error'], '.3f')} |")
+    lines.append(f"audio's truth vs template truth: {fmt(rep['rows']['stage1']['truth_vs_template'], '.3f')}; "
+                 f"stage 1 on the template's own audio: {fmt(rep['rows']['stage1_own_audio']['corr_audio'], '.3f')}")
     if "silence" in rep:
         s = rep["silence"]
         lines.append(f"silence ({s['frames']} frames): stage 1 max opening {s['stage1_max']:.4f} (closed range <= "

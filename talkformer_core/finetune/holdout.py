@@ -13,7 +13,7 @@ clip's own audio (``holdout_report``, docs/finetune.md), on the lower half of th
 Every method's crop is pasted onto the test crop through the same feathered lower-face mask as
 the pipeline's blend (face.blend.lower_face_mask). PSNR and SSIM on the crop at its own size;
 LMD and mouth-opening correlation from mediapipe on the crops upscaled to 256 px (mediapipe finds
-no face in a 64 px crop), LMD in pixels of a 256 crop as eval reports it. ``_QuickEval`` is the
+no face in a 64 px crop), LMD in pixels of a 256 crop as eval reports it. ``QuickEval`` is the
 cheap version of the same scoring that a run prints while it trains.
 """
 from __future__ import annotations
@@ -79,7 +79,7 @@ def _similarity(src_pts: np.ndarray, dst_pts: np.ndarray) -> np.ndarray:
     return m
 
 
-def _paste(cand: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def paste_lower_face(cand: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Feathered lower-face paste in the crop (the pipeline's blend mask): (B, S, S, 3) uint8."""
     a = mask[None, :, :, None]
     return np.clip(np.round(a * cand.astype(np.float32) + (1 - a) * truth.astype(np.float32)), 0, 255).astype(np.uint8)
@@ -109,7 +109,7 @@ def baselines(h: HoldoutData) -> dict[str, np.ndarray]:
             warped = cv2.warpAffine(img, m, (S, S), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
             out[name].append(np.clip(np.round(warped), 0, 255).astype(np.uint8))
     truth = h.crops[h.test_idx]
-    return {k: _paste(np.stack(v), truth, mask) for k, v in out.items()} | {"_donor": np.array(donor)}
+    return {k: paste_lower_face(np.stack(v), truth, mask) for k, v in out.items()} | {"_donor": np.array(donor)}
 
 
 def reference_frame(h: HoldoutData) -> int:
@@ -146,10 +146,10 @@ def generate(model: Any, h: HoldoutData, *, audio_driven: bool, steps: int = 25,
     noise = initial_noise(model, seed) * float(noise_scale)
     gen = sample_faces(model, h.crops[idx], lms, ref, steps=steps, sampler=sampler, seed=seed, batch_size=32,
                        noise=noise)
-    return _paste(gen, h.crops[idx], lower_face_mask(S))
+    return paste_lower_face(gen, h.crops[idx], lower_face_mask(S))
 
 
-def _upscale(crops: np.ndarray, size: int = EVAL_CROP) -> np.ndarray:
+def upscale(crops: np.ndarray, size: int = EVAL_CROP) -> np.ndarray:
     import cv2
 
     if crops.shape[1] == size:
@@ -162,7 +162,7 @@ def score(gen: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
     from ..eval import score_crops
 
     px = score_crops(gen, truth, landmarks=False)
-    lm = score_crops(_upscale(gen), _upscale(truth), landmarks=True)
+    lm = score_crops(upscale(gen), upscale(truth), landmarks=True)
     return {"psnr": px["psnr"], "ssim": px["ssim"], "lmd": lm["lmd"], "mouth_corr": lm["mouth_corr"],
             "lmd_frames": lm.get("lmd_frames"), "frames": px["frames"],
             "mouth_open_gen": lm["per_frame"].get("mouth_open_gen"),
@@ -215,8 +215,9 @@ def verdicts(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return v
 
 
-def _f(v: Any, fmt: str) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, fmt)
+def fmt(v: Any, spec: str) -> str:
+    """A number for a table, "n/a" for None or a non-finite float."""
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, spec)
 
 
 def report_table(reports: dict[str, dict[str, Any]]) -> str:
@@ -226,8 +227,8 @@ def report_table(reports: dict[str, dict[str, Any]]) -> str:
     for clip, rep in reports.items():
         for m in METHODS:
             r = rep["rows"][m]
-            lines.append(f"| {clip} | {METHOD_NAMES[m]} | {_f(r['psnr'], '.2f')} | {_f(r['ssim'], '.4f')} | "
-                         f"{_f(r['lmd'], '.2f')} | {_f(r['mouth_corr'], '.3f')} |")
+            lines.append(f"| {clip} | {METHOD_NAMES[m]} | {fmt(r['psnr'], '.2f')} | {fmt(r['ssim'], '.4f')} | "
+                         f"{fmt(r['lmd'], '.2f')} | {fmt(r['mouth_corr'], '.3f')} |")
     return "\n".join(lines)
 
 
@@ -242,7 +243,7 @@ def format_report(rep: dict[str, Any]) -> str:
               f"{v['audio_mouth_corr']}/{v['audio_lmd']}")
 
 
-class _QuickEval:
+class QuickEval:
     """The metrics printed while training: lower-half PSNR/SSIM with test-frame landmarks on up to
     12 held-out frames (10 DDIM steps, no mediapipe), read from the periodic checkpoint, and a
     preview grid (truth / ours / copy-reference). Without a hold-out: the last training frames,

@@ -33,7 +33,7 @@ import numpy as np
 from ..config import resolve_preset
 from ..errors import CheckpointError, FaceError, InputError, TalkFormerError, VideoError
 from .dubbing import dubbing_report, format_dubbing
-from .holdout import _QuickEval, format_report, holdout_report
+from .holdout import QuickEval, format_report, holdout_report
 from .presets import PRESETS, finetune_config
 
 REPORT_RESERVE_MIN = 1.5  # minutes kept for the hold-out report (sampling + mediapipe)
@@ -107,7 +107,7 @@ def state_path(work: Path) -> Path:
     return work / "finetune.json"
 
 
-def _load_state(work: Path) -> dict[str, Any]:
+def load_state(work: Path) -> dict[str, Any]:
     p = state_path(work)
     return json.loads(p.read_text()) if p.exists() else {}
 
@@ -192,7 +192,7 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
         f"windows" + (f", autoencoder batch {ae_batch}" if vae is None else "") + (", bf16" if bf16 else ""))
 
     work = work_dir_for(out)
-    st = _load_state(work) if resume else {}
+    st = load_state(work) if resume else {}
     if resume and not st:
         raise CheckpointError(f"--resume: no earlier run in {work} (expected {state_path(work).name}); start without --resume")
     if not resume and work.exists():
@@ -274,7 +274,7 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
     tf_dir = work / "talkformer"
     tf_left = budget_minutes - sum(spent.values()) - reserve
     say(f"[finetune] stage talkformer: {max(tf_left, 0):.1f} min")
-    quick = _QuickEval(shard, holdout, cfg, device=device, vae=vae, seed=seed) if eval_every else None
+    quick = QuickEval(shard, holdout, cfg, device=device, vae=vae, seed=seed) if eval_every else None
 
     bar = _BudgetBar("talkformer", tf_left, steps, enabled=tqdm_bar)
 
