@@ -2,6 +2,7 @@
 
     python bench/dubbing.py [--budget-minutes 30] [--jobs 3] [--threads 1] [--clips A.mp4 ...]
                             [--work /tmp/talkformer_dubbing] [--out docs/dubbing.md] [--reuse]
+                            [--report-only [--noise-scale S] [--tag T]]
     python bench/dubbing.py --stage1 [--transformer-steps 1500] [--threads 1]
 
 Full mode: for every clip (``--clips``, default the mp4s of ../shared/media), ``python -m
@@ -12,7 +13,9 @@ trained on frames [0, 0.6); the template frames [0.8, 1.0) driven by the audio o
 audio's true landmarks, the loudness model: correlation of the mouth opening with the new audio's
 truth and with the template's), the silence check, the self-reconstruction table of the same models
 and the bar's verdicts.
-``--reuse`` rebuilds the page from the JSON reports of an earlier run.
+``--reuse`` rebuilds the page from the JSON reports of an earlier run. ``--report-only`` scores the
+checkpoints of an earlier run again (``finetune --report-only``; e.g. with another ``--noise-scale``,
+the JSON reports named CLIP``--tag``.json beside the run's own).
 
 ``--stage1``: stage 1 alone, in minutes: the loudness model, the person's mouth model
 (``models.mouth_model``) and the landmark transformer trained alone on the clip's training frames
@@ -49,10 +52,14 @@ def run_clips(clips: list[Path], work: Path, a: argparse.Namespace) -> dict[str,
             c = pending.pop(0)
             cmd = [sys.executable, "-m", "talkformer_core.finetune", "--video", str(c),
                    "--out", str(work / f"{c.stem}.safetensors"), "--budget-minutes", str(a.budget_minutes),
-                   "--holdout", str(HOLDOUT), "--dubbing", "--report-json", str(work / f"{c.stem}.json")]
+                   "--holdout", str(HOLDOUT), "--dubbing", "--report-json", str(work / f"{c.stem}{a.tag}.json")]
+            if a.report_only:
+                cmd += ["--report-only"]
+            if a.noise_scale is not None:
+                cmd += ["--noise-scale", str(a.noise_scale)]
             if a.threads:
                 cmd += ["--threads", str(a.threads)]
-            log = open(work / f"{c.stem}.log", "w")
+            log = open(work / f"{c.stem}{a.tag}.log", "w")
             print("run:", " ".join(cmd), flush=True)
             procs.append((c, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
         time.sleep(2)
@@ -62,9 +69,9 @@ def run_clips(clips: list[Path], work: Path, a: argparse.Namespace) -> dict[str,
                 log.close()
                 procs.remove(item)
                 if p.returncode != 0:
-                    print(f"{c.name}: finetune failed (exit {p.returncode}); see {work / (c.stem + '.log')}")
+                    print(f"{c.name}: finetune failed (exit {p.returncode}); see {work / (c.stem + a.tag + '.log')}")
                     continue
-                done[c.name] = json.loads((work / f"{c.stem}.json").read_text())
+                done[c.name] = json.loads((work / f"{c.stem}{a.tag}.json").read_text())
                 print(f"{c.name}: done", flush=True)
     return done
 
@@ -97,7 +104,8 @@ def page(results: dict[str, dict], a: argparse.Namespace) -> str:
     lines += ["", "Lip-shape error: mean distance of the 40 lip points to the new audio's true lips after a "
               "similarity alignment on the upper face, in nose lengths.", "",
               "| clip | frames | audio's truth vs template's truth | stage 1 on the template's own audio | "
-              "silence: stage 1 max / closed range | silence: faces max / 90th pct / closed range / autoencoder's closed range | "
+              "silence: stage 1 max / closed range | silence: faces max / 90th pct / real closed frames' range / "
+              "lowest 10 % of the real readings / the autoencoder's | "
               "minutes (pre / AE / TF / report) | steps (AE / TF) |", "|---|---|---|---|---|---|---|---|"]
     for clip, res in results.items():
         d = res["report"]["dubbing"]
@@ -108,7 +116,8 @@ def page(results: dict[str, dict], a: argparse.Namespace) -> str:
                      f"{_f(d['rows']['stage1_own_audio']['corr_audio'])} | "
                      f"{_f(s.get('stage1_max'), '.4f')} / {_f(s.get('stage1_closed'), '.4f')} | "
                      f"{_f(s.get('faces_max'), '.4f')} / {_f(s.get('faces_p90'), '.4f')} / "
-                     f"{_f(s.get('faces_closed'), '.4f')} / {_f(s.get('faces_closed_autoencoder'), '.4f')} | "
+                     f"{_f(s.get('faces_closed_real'), '.4f')} / {_f(s.get('faces_closed'), '.4f')} / "
+                     f"{_f(s.get('faces_closed_autoencoder'), '.4f')} | "
                      + " / ".join(f"{m.get(k, 0):.1f}" for k in ("preprocess", "autoencoder", "talkformer", "report"))
                      + f" | {st.get('autoencoder', 0)} / {st.get('talkformer', 0)} |")
     lines += ["", bar(results), "", "Self-reconstruction of the same models (held-out frames [0.6, 1.0) driven by "
@@ -125,13 +134,21 @@ def bar(results: dict[str, dict]) -> str:
         ours = [r["report"]["dubbing"]["rows"][key]["corr_audio"] for r in results.values()]
         base = [r["report"]["dubbing"]["rows"]["loudness"]["corr_audio"] for r in results.values()]
         tm = [r["report"]["dubbing"]["rows"][key]["corr_template"] for r in results.values()]
+        tg = [r["report"]["dubbing"]["rows"][key].get("corr_template_given_audio") for r in results.values()]
         ok = [o is not None and b is not None and o > b for o, b in zip(ours, base)]
         mo = float(np.mean([o if o is not None else np.nan for o in ours]))
         mb = float(np.mean([b if b is not None else np.nan for b in base]))
         out.append(f"- {name}: corr with the new audio's truth {', '.join(_f(o) for o in ours)} (mean {mo:.3f}) "
                    f"against the loudness model's {', '.join(_f(b) for b in base)} (mean {mb:.3f}): beats it on "
                    f"{sum(ok)} of {len(ok)} clips, mean margin {mo - mb:+.3f} (bar: every clip, >= +0.1); corr with "
-                   f"the template {', '.join(_f(t) for t in tm)} (bar: <= 0.2)")
+                   f"the template {', '.join(_f(t) for t in tm)} (bar: <= 0.2; given the audio's truth "
+                   f"{', '.join(_f(t) for t in tg)})")
+    sil = [r["report"]["dubbing"].get("silence") for r in results.values()]
+    if all(sil):
+        out.append("- silence: stage 1 max " + ", ".join(f"{s['stage1_max']:.4f} (<= {s['stage1_closed']:.4f})" for s in sil)
+                   + "; faces max " + ", ".join(f"{s['faces_max']:.3f} (<= {s.get('faces_closed_real', float('nan')):.3f})"
+                                                for s in sil)
+                   + f": closed on {sum(s['stage1_ok'] for s in sil)} / {sum(s['faces_ok'] for s in sil)} of {len(sil)} clips")
     return "\n".join(out)
 
 
@@ -231,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/talkformer_dubbing")
     ap.add_argument("--out", default=None, help="write the markdown here (default: print)")
     ap.add_argument("--reuse", action="store_true", help="rebuild the page from the JSON reports in --work")
+    ap.add_argument("--report-only", action="store_true", help="score the checkpoints already in --work again")
+    ap.add_argument("--noise-scale", type=float, default=None, help="x_T scale of the reports (default: the model's)")
+    ap.add_argument("--tag", default="", help="suffix of the JSON reports' names (CLIP{tag}.json)")
     ap.add_argument("--stage1", action="store_true", help="stage 1 alone (minutes), see the module doc")
     ap.add_argument("--transformer-steps", type=int, default=1500)
     a = ap.parse_args(argv)
@@ -255,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         text = stage1_page(res, a.transformer_steps)
     else:
         if a.reuse:
-            results = {c.name: json.loads((work / f"{c.stem}.json").read_text()) for c in clips
-                       if (work / f"{c.stem}.json").exists()}
+            results = {c.name: json.loads((work / f"{c.stem}{a.tag}.json").read_text()) for c in clips
+                       if (work / f"{c.stem}{a.tag}.json").exists()}
         else:
             results = run_clips(clips, work, a)
         if not results:

@@ -225,6 +225,17 @@ FEATHER_INPUT = ("INT", {"default": -1, "min": -1, "max": 128,
                          "tooltip": "Width in crop pixels of the soft mask edge; -1 = a tenth of the crop side, "
                                     "0 = hard edge."})
 
+# stage 2's starting-noise scale (an optional input: workflows saved without it keep their widgets)
+NOISE_SCALE_INPUT = ("FLOAT", {"default": -1.0, "min": -1.0, "max": 2.0, "step": 0.05,
+                               "tooltip": "Scale of the starting noise; -1 = the model's own (0.5 for person "
+                                          "models from finetune, 1 otherwise). Lower follows the landmarks "
+                                          "more closely and keeps the mouth closed in silence (docs/dubbing.md)."})
+
+
+def noise_scale_option(value: Any) -> float | None:
+    """The node's noise_scale widget -> the core's (None = the model's own)."""
+    return None if value is None or float(value) < 0 else float(value)
+
 
 def dtype_names() -> list[str]:
     """The compute dtypes the loader offers (talkformer_core.loaded_model.DTYPE_CHOICES)."""

@@ -7,12 +7,14 @@ from ._common import (
     CATEGORY,
     FACE_TRACK_INPUT,
     MODEL_INPUT,
+    NOISE_SCALE_INPUT,
     TALKFORMER_AUDIO,
     TALKFORMER_LANDMARKS,
     TALKFORMER_REFERENCE,
     Progress,
     check_interrupt,
     image_to_uint8,
+    noise_scale_option,
     sampler_inputs,
     uint8_to_image,
 )
@@ -161,10 +163,12 @@ class TalkFormerSampler:
                 "eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                   "tooltip": "Stochasticity: 0 deterministic (DDIM / DPM-Solver++), 1 ancestral."}),
             },
+            "optional": {"noise_scale": NOISE_SCALE_INPUT},
         }
 
     def sample(self, model: Any, images: Any, face_track: Any, landmarks: Any, reference: Any,
-               steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER, seed: int = 0, eta: float = 0.0):
+               steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER, seed: int = 0, eta: float = 0.0,
+               noise_scale: float = -1.0):
         import numpy as np
 
         from talkformer_core.face.track import crop_frame
@@ -187,6 +191,7 @@ class TalkFormerSampler:
             bar.update(done[0], latest[0] if i == 0 else None)  # interrupt point
 
         fs = FaceSampler(loaded, reference, steps=int(steps), sampler=sampler, seed=int(seed), eta=float(eta),
+                         noise_scale=noise_scale_option(noise_scale),
                          batch_size=auto_batch_size(loaded), step_callback=step)
         done, bar = [0], Progress(max(1, fs.num_runs(len(crops)) * int(steps)))
         faces = fs(crops, lms, on_faces=lambda b0, f: latest.__setitem__(0, f[-1]))

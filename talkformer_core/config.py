@@ -107,6 +107,11 @@ class DiffusionConfig:
     beta_schedule: str = "linear"  # LDM "linear": linspace(sqrt(b0), sqrt(b1), T) ** 2
     beta_start: float = 0.0015
     beta_end: float = 0.0195
+    # sampling: x_T = noise_scale * N(0, I), shared by every frame (reduced-temperature sampling; 1 =
+    # the paper). The person presets use 0.5: on the 3 real clips' 30-minute models the faces follow
+    # their landmarks at 0.91 / 0.86 / 0.91 against 0.86 / 0.84 / 0.88 and stay more closed in
+    # silence (docs/dubbing.md, "The starting noise")
+    noise_scale: float = 1.0
 
 
 @dataclass
@@ -173,6 +178,11 @@ class TrainConfig:
     # one-clip training: the lips are a few percent of the crop, and an autoencoder that blurs them
     # draws every closed mouth a little open (docs/dubbing.md, "The autoencoder's mouth").
     autoencoder_mouth_weight: float = 1.0
+    # Both stages: samples drawn in proportion to density(mouth opening) ** -balance_openness
+    # (train.batching.balance_weights; 1 = every opening equally often), 0 = uniform. Our addition
+    # for one-clip training: a person's closed and wide-open frames are a small share of a few
+    # seconds of speech, and a renderer trained on them draws the typical half-open mouth.
+    balance_openness: float = 0.0
     # Person presets on a GPU (finetune): bf16 autocast when training on CUDA (ignored on a CPU,
     # where the CPU presets keep fp32), the autoencoder stage's batch, and the autoencoder's share of
     # the training budget (the rest goes to TalkFormer).
@@ -305,8 +315,10 @@ def person_config(crop_size: int = 64, *, full_landmarks: bool = False, vae: boo
                       position_features=True, landmark_map=True, landmark_fill=True)
     return TalkFormerConfig(
         name=f"person{crop_size}",
-        # anchor_mouth_x: audio-driven lips placed sideways where the template frame's lips are (ModelConfig)
-        model=ModelConfig(image_size=crop_size, autoencoder=ae, landmark=lm, unet=unet, anchor_mouth_x=True),
+        # anchor_mouth_x: audio-driven lips placed sideways where the template frame's lips are (ModelConfig);
+        # starting noise scaled by 0.5 at sampling (DiffusionConfig.noise_scale)
+        model=ModelConfig(image_size=crop_size, autoencoder=ae, landmark=lm, unet=unet, anchor_mouth_x=True,
+                          diffusion=DiffusionConfig(noise_scale=0.5)),
         # end_to_end off: within a CPU budget (a few hundred steps) the completion module's predictions
         # stay poor (box-frame L1 ~0.14 after 400 steps), and a U-Net fed them learns to ignore
         # M-Align; fed the detected landmarks it learns to follow them (measured: docs/finetune.md).

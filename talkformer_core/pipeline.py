@@ -53,7 +53,7 @@ from .analysis import (FaceAnalysis, analyze_frames, analyze_landmarks,  # stage
 from .errors import AudioError, CheckpointError, InputError, TalkFormerError, VideoError
 from .face import topology
 from .loaded_model import LoadedModel, parse_device, parse_dtype  # LoadedModel re-exported
-from .sampling import (DEFAULT_SAMPLER, DEFAULT_STEPS, FaceSampler, crops_to_tensor, initial_noise,
+from .sampling import (DEFAULT_SAMPLER, DEFAULT_STEPS, FaceSampler, crops_to_tensor, initial_noise, noise_scale_of,
                        tensor_to_crops)
 from .sampling import sample_latents as _sample_latents_talkformer  # noqa: F401  (the name tests and tools use)
 
@@ -324,20 +324,21 @@ def _decode(model: LoadedModel, z: torch.Tensor) -> np.ndarray:
 def sample_faces(model: LoadedModel, crops: np.ndarray, landmarks_crop: np.ndarray, reference: Any,
                  steps: int = 25, sampler: str = "ddim", seed: int = 0, eta: float = 0.0,
                  callback: Callable[[int, int], None] | None = None, noise: torch.Tensor | None = None,
-                 batch_size: int | None = None, motion: torch.Tensor | None = None, **chains: Any) -> np.ndarray:
+                 batch_size: int | None = None, motion: torch.Tensor | None = None, noise_scale: float | None = None,
+                 **chains: Any) -> np.ndarray:
     """Generate the lower face of each crop. crops (B, S, S, 3) uint8 (the template's face crops),
     landmarks_crop (B, 131, 2) target landmarks in the crop frame, reference: ``encode_reference``'s
     cache -> (B, S, S, 3) uint8 generated crops (upper half: the autoencoder's reconstruction).
 
     The upper latent half is E(masked crop)[:h/2], fixed by the sampler at every step (the U-Net contract).
-    ``noise`` (1, C, h, w): the shared x_T (default: drawn from ``seed``; every frame gets the same,
-    so identical inputs give identical faces). ``callback(step, num_steps)`` runs after every
+    ``noise`` (1, C, h, w): the shared x_T (default: drawn from ``seed`` and scaled by ``noise_scale``,
+    default the model's; every frame gets the same, so identical inputs give identical faces). ``callback(step, num_steps)`` runs after every
     sampler step; raise from it to stop. ``batch_size`` splits B (default: all at once). With
     temporal attention: ``motion`` the first clip's motion frames, ``chains`` (segment, overlap,
     crossfade) the parallel chains (sampling.FaceSampler, the one batch loop this calls).
     """
     fs = FaceSampler(model, reference, steps=steps, sampler=sampler, seed=seed, eta=eta, noise=noise,
-                     batch_size=batch_size, step_callback=callback, **chains)
+                     noise_scale=noise_scale, batch_size=batch_size, step_callback=callback, **chains)
     fs.motion = motion
     return fs(crops, landmarks_crop)
 
@@ -370,6 +371,7 @@ class SyncOptions:
     sampler: str = DEFAULT_SAMPLER
     eta: float = 0.0
     seed: int = 0
+    noise_scale: float | None = None  # x_T's scale; None = the model's (DiffusionConfig.noise_scale)
     reference_frame: int | None = None  # template frame (25 fps) for the R-Align reference; None = auto
     face_index: int | None = None  # None = largest face
     length_mode: str = "pingpong"  # pingpong | loop | trim
@@ -561,6 +563,8 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
     get_sampler(opt.sampler)
     if int(opt.steps) < 1:
         raise InputError(f"steps {opt.steps}: expected >= 1")
+    if opt.noise_scale is not None:
+        noise_scale_of(model, opt.noise_scale)  # InputError unless >= 0
     if (opt.batch_size is not None and opt.batch_size < 1) or (opt.chunk_size is not None and opt.chunk_size < 1):
         raise InputError(f"batch_size and chunk_size must be >= 1, got {opt.batch_size}, {opt.chunk_size}")
     if out_path.suffix.lower() not in ("", ".mp4", ".m4v", ".mov", ".mkv"):
@@ -627,7 +631,8 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
 
         bs = opt.batch_size or auto_batch_size(model)
         face_sampler = FaceSampler(model, reference, steps=int(opt.steps), sampler=opt.sampler, seed=opt.seed,
-                                   eta=float(opt.eta), batch_size=bs, step_callback=lambda i, n: step_cb(i, n))
+                                   eta=float(opt.eta), noise_scale=opt.noise_scale, batch_size=bs,
+                                   step_callback=lambda i, n: step_cb(i, n))
     else:  # whole-frame renderer (IP-LAP): reads its reference frames once, here
         render_frames = frame_renderer(model, analysis, aud, plan,
                                        lambda t: _read_template(video, image, int(t), 1)[0], opt)

@@ -62,11 +62,21 @@ def tensor_to_crops(x: torch.Tensor) -> np.ndarray:
     return to_pixels(x).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def initial_noise(model: LoadedModel, seed: int) -> torch.Tensor:
-    """The clip's fixed x_T (1, C, h, w), drawn on the CPU from ``seed`` (the same on every device)."""
+def noise_scale_of(model: LoadedModel, scale: float | None = None) -> float:
+    """``scale``, or the model's own (``DiffusionConfig.noise_scale``: 0.5 for person models, else 1);
+    InputError unless finite and >= 0."""
+    s = float(model.config.model.diffusion.noise_scale if scale is None else scale)
+    if not math.isfinite(s) or s < 0:
+        raise InputError(f"noise scale {scale}: expected a number >= 0 (1 = the paper's x_T, 0 = no noise)")
+    return s
+
+
+def initial_noise(model: LoadedModel, seed: int, scale: float | None = None) -> torch.Tensor:
+    """The clip's fixed x_T (1, C, h, w), drawn on the CPU from ``seed`` (the same on every device),
+    times ``noise_scale_of(model, scale)``."""
     m = model.config.model
     g = torch.Generator().manual_seed(int(seed))
-    return torch.randn((1, m.latent_channels, m.latent_size, m.latent_size), generator=g)
+    return torch.randn((1, m.latent_channels, m.latent_size, m.latent_size), generator=g) * noise_scale_of(model, scale)
 
 
 @torch.no_grad()
@@ -400,7 +410,7 @@ class FaceSampler:
     """
 
     def __init__(self, model: LoadedModel, reference: Any, *, steps: int = 25, sampler: str = "ddim",
-                 seed: int = 0, eta: float = 0.0, noise: torch.Tensor | None = None,
+                 seed: int = 0, eta: float = 0.0, noise: torch.Tensor | None = None, noise_scale: float | None = None,
                  batch_size: int | None = None, segment: int | None = None, overlap: int | None = None,
                  crossfade: bool = False, step_callback: StepCallback | None = None,
                  speed: SpeedOptions | None = None):
@@ -414,7 +424,7 @@ class FaceSampler:
         self.model, self.reference = apply_speed(model, speed), reference
         self.steps, self.sampler, self.eta = int(steps), sampler, float(eta)
         self.seed = int(seed)
-        self.noise = initial_noise(model, seed) if noise is None else noise
+        self.noise = initial_noise(model, seed, noise_scale) if noise is None else noise
         self.generator = torch.Generator(device=model.device).manual_seed(self.seed) if eta > 0 else None
         self.batch_size = None if batch_size is None else int(batch_size)
         self.temporal = model.kind == "talkformer" and bool(model.config.model.temporal_attention)

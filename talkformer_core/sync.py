@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "paper's 200 DDIM steps, docs/speed.md; ddim as the paper; ddpm: ancestral)")
     ap.add_argument("--eta", type=float, default=0.0, help="sampler stochasticity (0 = deterministic)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the starting noise (same seed, same video)")
+    ap.add_argument("--noise-scale", type=float, default=None,
+                    help="scale of the starting noise x_T (default: the model's: 0.5 for person models from "
+                         "finetune, 1 otherwise; lower follows the landmarks more closely, docs/dubbing.md)")
     ap.add_argument("--reference-frame", type=int, default=None,
                     help="template frame (25 fps) used as the appearance reference (default: automatic)")
     ap.add_argument("--face-index", type=int, default=-1,
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             audio = P.audio_features(a.audio)
             model = P.load_model(a.checkpoint, device=a.device, dtype=a.dtype, vae=a.vae)
         show(caught)
-        opts = P.SyncOptions(steps=a.steps, sampler=a.sampler, eta=a.eta, seed=a.seed,
+        opts = P.SyncOptions(steps=a.steps, sampler=a.sampler, eta=a.eta, seed=a.seed, noise_scale=a.noise_scale,
                              reference_frame=a.reference_frame, face_index=a.face_index,
                              length_mode=a.length_mode, feather=a.feather, batch_size=a.batch_size,
                              watermark=not a.no_watermark, crf=a.crf, iplap_references=a.iplap_references,

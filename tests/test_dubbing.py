@@ -88,6 +88,22 @@ def test_lip_shape_error_ignores_pose_and_sees_the_lips(clips):
     np.testing.assert_allclose(err, 2.0 / nose, rtol=1e-6)
 
 
+def test_closed_range_reads_the_truly_closed_frames_with_the_noisy_ruler():
+    """A noisy ruler on exact truth: the closed range is the largest reading among the frames whose
+    true opening is in its lowest 10 %, so every truly closed frame is within it, where the 10 %
+    quantile of the readings themselves leaves a fifth of them out."""
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(0.0, 1.0, 400)
+    measured = np.abs(truth + rng.normal(0.0, 0.05, truth.size))
+    closed = truth <= np.quantile(truth, 0.1)
+    measured[np.flatnonzero(~closed)[0]] = np.nan  # a frame without a face
+    r = D.closed_range(measured, truth)
+    assert r == measured[closed].max()
+    assert (measured[closed] > D.closed_threshold(measured)).mean() > 0.2
+    with pytest.raises(ValueError):
+        D.closed_range([np.nan], [0.0])
+
+
 def test_partial_correlation_and_linear_leak():
     rng = np.random.default_rng(1)
     truth = rng.normal(size=400)

@@ -129,9 +129,10 @@ def test_dubbing_report_on_a_tiny_run(videos, tmp_path):
     assert "corr_landmarks" in rep["rows"]["faces"] and "corr_landmarks" in rep["rows"]["renderer_true_landmarks"]
     s = rep["silence"]
     assert s["frames"] == 50 and s["stage1_closed"] > 0
-    assert {"faces_max", "faces_p90", "faces_closed", "faces_closed_autoencoder", "faces_ok"} <= set(s)
+    assert {"faces_max", "faces_p90", "faces_closed", "faces_closed_real", "faces_closed_autoencoder", "faces_ok"} <= set(s)
+    assert s["faces_ok"] == (s["faces_max"] <= s["faces_closed_real"])
     text = format_dubbing(rep, "talk.mp4")
-    assert "the autoencoder's reconstructions of those frames" in text and "loudness model" in text
+    assert "the real closed frames read" in text and "of the autoencoder's reconstructions" in text and "loudness model" in text
 
 
 def test_baselines_are_exact_on_a_static_clip():

@@ -276,6 +276,12 @@ def test_model_chain(checkpoint, images, audio, track):
     assert torch.equal(a, b) and not torch.equal(a, c)
     (d,) = sampler.sample(model, images, analysis, lms, ref_img, steps=2, sampler="dpmpp_2m", seed=1, eta=0.0)
     assert d.shape == a.shape
+    # noise_scale: -1 (the default) = the model's own (1 for this tiny config); another scale, other faces
+    assert sampler.INPUT_TYPES()["optional"]["noise_scale"][1]["default"] == -1.0
+    kw = dict(steps=2, sampler="ddim", seed=1, eta=0.0)
+    (e,) = sampler.sample(model, images, analysis, lms, ref_auto, noise_scale=1.0, **kw)
+    (f,) = sampler.sample(model, images, analysis, lms, ref_auto, noise_scale=0.3, **kw)
+    assert torch.equal(a, e) and not torch.equal(a, f)
     # the reference image is what R-Align reads. An untrained checkpoint's zero-initialised output
     # projections make R-Align add exactly zero, so a second copy gets weights there first; then two
     # reference images give different mouths, with the same seed, and the change is in the lower

@@ -253,6 +253,39 @@ def test_sampler_checks_inputs():
     assert math.isclose(S.crossfade_weights(1)[0], 0.5)
 
 
+def test_noise_scale_is_the_models_unless_given():
+    """x_T = scale * N(0, I): the model's DiffusionConfig.noise_scale (person presets 0.5, the paper's
+    1, a checkpoint saved before the field: 1) unless a scale is given; sampling with a scale is
+    sampling from the scaled x_T; a negative scale is an InputError."""
+    from talkformer_core.config import TalkFormerConfig, paper, person_config
+    from talkformer_core.errors import InputError
+
+    assert person_config(64).model.diffusion.noise_scale == 0.5 and paper().model.diffusion.noise_scale == 1.0
+    d = person_config(64).to_dict()
+    del d["model"]["diffusion"]["noise_scale"]
+    assert TalkFormerConfig.from_dict(d).model.diffusion.noise_scale == 1.0
+    m = loaded(False)
+    assert torch.equal(S.initial_noise(m, 3), S.initial_noise(m, 3, 1.0))
+    m.config.model.diffusion.noise_scale = 0.5
+    try:
+        assert torch.allclose(S.initial_noise(m, 3), 0.5 * S.initial_noise(m, 3, 1.0))
+        assert torch.allclose(S.initial_noise(m, 3, 0.25), 0.25 * S.initial_noise(m, 3, 1.0))
+        assert not S.initial_noise(m, 3, 0.0).any()
+        crops, lms = inputs(4)
+        ref = P.encode_reference(m, crops[0])
+        a = P.sample_faces(m, crops, lms, ref, steps=2, noise_scale=0.25)
+        b = P.sample_faces(m, crops, lms, ref, steps=2, noise=0.25 * S.initial_noise(m, 0, 1.0))
+        c = P.sample_faces(m, crops, lms, ref, steps=2)  # the model's 0.5
+        assert np.array_equal(a, b) and not np.array_equal(a, c)
+        with pytest.raises(InputError, match="noise scale -1"):
+            S.FaceSampler(m, None, noise_scale=-1.0)
+        with pytest.raises(InputError, match="noise scale"):
+            P.lipsync(np.zeros((8, 8, 3), np.uint8), None, m, "/nonexistent/out.mp4",
+                      options=P.SyncOptions(noise_scale=float("nan")))
+    finally:
+        m.config.model.diffusion.noise_scale = 1.0
+
+
 def test_speed_knobs_on_the_cpu():
     """channels_last gives the same faces (up to conv rounding); bf16 weights without autocast stay
     close to fp32; the CPU default changes nothing (bit-equal, tested above)."""

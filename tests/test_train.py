@@ -69,12 +69,14 @@ def test_ldm_gradient_reaches_landmark_module_only_end_to_end(shards, ae_file, e
     assert sum(float(p.grad.abs().sum()) for p in model.unet.parameters() if p.grad is not None) > 0
 
 
-def test_resume_is_bit_identical(shards, ae_file, tmp_path):
+@pytest.mark.parametrize("balance", [0.0, 1.0])
+def test_resume_is_bit_identical(shards, ae_file, tmp_path, balance):
     """6 steps straight == 3 steps + --resume 3 steps: the same losses and parameters (torch.equal),
-    with dropout on (landmark module 0.1) and EMA."""
+    with dropout on (landmark module 0.1) and EMA; also with openness-balanced batches."""
     from talkformer_core.train import train
 
     cfg = tiny_config()
+    cfg.train.balance_openness = balance
     kw = dict(stage="talkformer", data=shards, autoencoder=ae_file, batch_size=2, ema=True, progress=False,
               device="cpu", seed=3)
     full = train(cfg, out=tmp_path / "full", steps=6, **kw)
@@ -89,6 +91,52 @@ def test_resume_is_bit_identical(shards, ae_file, tmp_path):
     # the CSV log of the resumed run is the uninterrupted run's
     assert (tmp_path / "full" / "log.csv").read_text().splitlines()[1:] == \
         [ln for ln in (tmp_path / "split" / "log.csv").read_text().splitlines()[1:]]
+
+
+def test_balance_weights_flatten_a_skewed_opening_distribution():
+    """balance_weights(power 1) makes each histogram bin equally likely; power 0.5 halves the skew in
+    log terms; a lone outlier is not drawn as often as a whole bin; no face (nan) gets the mean weight; the weighted sampler stays a pure function of
+    (seed, step) and draws in proportion to the weights."""
+    from talkformer_core.train.batching import StepBatchSampler, balance_weights
+
+    rng = np.random.default_rng(0)
+    v = np.concatenate([[0.0], rng.uniform(0.0, 0.09, 899), rng.uniform(0.71, 0.8, 99), [0.8], [np.nan]])  # 9:1
+    lone = balance_weights(np.append(v[:-1], 0.4), 1.0)  # one frame alone in its bin: weighted as 5 %
+    assert np.isclose(lone[-1] / lone[0], (900 / 1001) / 0.05)
+    assert balance_weights(v, 0.0) is None
+    w = balance_weights(v, 1.0)
+    assert w.shape == v.shape and np.isclose(w.mean(), 1.0) and np.isclose(w[-1], w[:-1].mean())
+    open_share = w[900:1000].sum() / w[:1000].sum()
+    assert abs(open_share - 0.5) < 1e-9  # two occupied bins, equal mass
+    w_half = balance_weights(v, 0.5)
+    assert abs(w_half[900:1000].sum() / w_half[:1000].sum() - 0.25) < 1e-9  # 9:1 -> 3:1
+    s1 = StepBatchSampler(len(v), 8, seed=5, total_steps=400, weights=w)
+    s2 = StepBatchSampler(len(v), 8, seed=5, start_step=200, total_steps=400, weights=w)
+    assert s1.micro_batches(250) == s2.micro_batches(250)
+    drawn = np.array([i for s in range(400) for mb in s1.micro_batches(s) for i, _ in mb])
+    share = np.isin(drawn, np.arange(900, 1000)).mean()
+    assert 0.45 < share < 0.55, share  # uniform draws give 0.1
+    with pytest.raises(Exception, match="sampler weights"):
+        StepBatchSampler(3, 2, weights=np.array([1.0, -1.0, 1.0]))
+
+
+def test_dataset_openness_is_the_middle_frames_lip_opening(shards):
+    from talkformer_core.data.dataset import FrameDataset, TalkingFaceDataset
+    from talkformer_core.face import topology
+
+    cfg = tiny_config()
+    ds = TalkingFaceDataset(shards, cfg)
+    o = ds.openness()
+    assert o.shape == (len(ds),) and np.all(np.isfinite(o)) and np.ptp(o) > 0
+    item = ds[3]
+    mid = item["target_box"][ds.L // 2].double().numpy()
+    assert np.isclose(o[3], topology.lip_openness(mid))
+    fd = FrameDataset(shards, cfg)
+    fo = fd.openness()
+    assert fo.shape == (len(fd),)
+    it = fd[5]
+    if bool(it["found"]):
+        assert np.isclose(fo[5], topology.lip_openness(it["landmarks"].double().numpy()))
 
 
 def test_ddp_two_processes_equal_gradient_accumulation(shards, ae_file, tmp_path):

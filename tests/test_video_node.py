@@ -184,6 +184,8 @@ def test_node_definition():
     assert spec["required"]["video"][0] == "VIDEO"
     assert spec["required"]["model"][0] == "TALKFORMER_MODEL"
     assert spec["optional"]["audio"][0] == "AUDIO"
+    assert spec["optional"]["noise_scale"][1]["default"] == -1.0  # the model's own
+    assert video_node.noise_scale_option(-1.0) is None and video_node.noise_scale_option(0.5) == 0.5
     assert NODE.RETURN_TYPES == ("VIDEO", "INT")
     assert set(spec["required"]) >= {"steps", "sampler", "seed", "length_mode", "face_index", "reference_frame",
                                       "feather", "watermark"}

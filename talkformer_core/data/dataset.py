@@ -156,6 +156,14 @@ class TalkingFaceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.windows)
 
+    def openness(self) -> np.ndarray:
+        """(len,) each window's middle frame's lip opening (box frame): what
+        TrainConfig.balance_openness balances the windows by."""
+        out = np.empty(len(self.windows))
+        for i, (ci, s) in enumerate(self.windows):
+            out[i] = topology.lip_openness(self.clip_arrays(ci)["points131_box"][s + self.L // 2].astype(np.float64))
+        return out
+
     def clip_arrays(self, ci: int) -> dict[str, np.ndarray]:
         d = self._data.get(ci)
         if d is None:
@@ -245,6 +253,11 @@ class FrameDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def openness(self) -> np.ndarray:
+        """(len,) each frame's lip opening (crop frame; nan without a face)."""
+        return np.array([topology.lip_openness(self.points[ci][t].astype(np.float64)) if self.found[ci][t]
+                         else np.nan for ci, t in self.index])
 
     def __getitem__(self, item: Any) -> dict[str, torch.Tensor]:
         index = item if isinstance(item, (int, np.integer)) else int(item[0])

@@ -172,6 +172,19 @@ def closed_threshold(openings: Any, q: float = 0.1) -> float:
     return float(np.quantile(v, q))
 
 
+def closed_range(measured: Any, truth: Any, q: float = 0.1) -> float:
+    """The person's closed-mouth range under a noisier ruler: the largest ``measured`` opening among
+    the frames whose ``truth`` opening is in its lowest ``q`` (the tracker's closed frames). On 64 px
+    crops mediapipe reads a closed mouth anywhere from 0 to ~0.08; the ``q`` quantile of the
+    measured openings themselves is a bar half of the real closed frames fail (docs/dubbing.md)."""
+    m, t = np.asarray(measured, np.float64), np.asarray(truth, np.float64)
+    ok = np.isfinite(m) & np.isfinite(t)
+    if not ok.any():
+        raise ValueError("closed_range: no frame with both openings")
+    closed = ok & (t <= np.quantile(t[ok], q))
+    return float(m[closed].max())
+
+
 def linear_leak(pose: Any, opening: Any, fit_frac: float = 0.6, ridge: float = 1e-3) -> float | None:
     """How much of the mouth a linear map from the pose input predicts: ridge least squares from the
     flattened pose points (T, P, 2) to the opening (T,) fitted on the first ``fit_frac`` of the frames,

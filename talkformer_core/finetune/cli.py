@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is faster on a busy machine)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and noise")
     ap.add_argument("--report-json", default=None, help="write the result (minutes, steps, hold-out report) here")
-    ap.add_argument("--noise-scale", type=float, default=1.0,
-                    help="hold-out report: scale of the shared starting noise x_T (1 = what sync does)")
+    ap.add_argument("--noise-scale", type=float, default=None,
+                    help="hold-out report: scale of the shared starting noise x_T (default: the model's, "
+                         "as sync does: 0.5 for the person presets)")
     ap.add_argument("--dubbing", action="store_true",
                     help="with --holdout F: also the dubbing report, the held-out part's second half driven by the "
                          "audio of its first (F = 0.4: frames [0.8, 1) by the audio of [0.6, 0.8); docs/dubbing.md)")

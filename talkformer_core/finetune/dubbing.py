@@ -52,7 +52,7 @@ def _anchor_x(content_box: np.ndarray, template_box: np.ndarray) -> np.ndarray:
 
 def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, holdout: float, *,
                    device: str | None = None, vae: str | os.PathLike | None = None, sampler: str = "ddim",
-                   steps: int = 25, seed: int = 0, noise_scale: float = 1.0, silence: bool = True) -> dict[str, Any]:
+                   steps: int = 25, seed: int = 0, noise_scale: float | None = None, silence: bool = True) -> dict[str, Any]:
     """The dubbing protocol (eval.dubbing) on one clip: trained on [0, 1 - holdout); the held-out part
     split in halves, new audio = the first, template = the second (holdout 0.4: [0.6, 0.8) drives
     [0.8, 1.0)). Opening series of stage 1 (predicted landmarks, crop frame), of the generated faces
@@ -60,13 +60,16 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
     on the template's mouth: does stage 2 follow its landmarks and nothing else?), and the loudness
     model; each correlated with the new audio's truth and with the template. Lip-shape error of
     stage 1 and of the template's own lips against the truth after upper-face alignment. Silence:
-    ``SILENCE_SECONDS`` of zeros drive the template; their openings against the person's closed range
-    (lowest 10 % of the training frames, measured the same way)."""
+    ``SILENCE_SECONDS`` of zeros drive the template; their openings against the person's closed range:
+    stage 1 against the lowest 10 % of the training frames' openings; the faces against what the same
+    ruler (mediapipe on the crops) reads on the real training frames the tracker finds closed
+    (``eval.dubbing.closed_range``)."""
     from ..eval import dubbing as D
     from ..face import topology
     from ..face.blend import lower_face_mask
     from ..pipeline import (AudioFeatures, audio_features, complete_landmarks, encode_reference, initial_noise,
                            landmarks_to_crop, load_model, sample_faces)
+    from ..sampling import noise_scale_of
 
     h = load_holdout(shard, holdout)
     T = len(h.crops)
@@ -78,7 +81,7 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
     refs_idx = tr[topology.pick_spread(h.analysis.openness[tr], model.num_references)]
     refs = h.analysis.points_box(refs_idx, box)
     ref = encode_reference(model, h.crops[reference_frame(h)])
-    noise = initial_noise(model, seed) * float(noise_scale)
+    noise = initial_noise(model, seed, noise_scale)  # None: the model's, as sync
     mask = lower_face_mask(S)
 
     def render(idx: np.ndarray, lms_crop: np.ndarray) -> np.ndarray:
@@ -130,6 +133,7 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
     rep: dict[str, Any] = {"rows": rows, "frames": int(len(te)), "train_frames": int(len(tr)),
                            "audio_frames": [int(au[0]), int(au[-1]) + 1], "template_frames": [int(te[0]), int(te[-1]) + 1],
                            "landmark_box": box, "sampler": sampler, "sampler_steps": steps,
+                           "noise_scale": noise_scale_of(model, noise_scale),
                            "mouth_model": bool(getattr(model.landmark, "mouth", None) is not None
                                                and model.landmark.mouth.is_fitted)}
     if silence:
@@ -139,15 +143,18 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
         o1 = D.mouth_opening(s1_sil)
         o2 = D.mouth_opening(points478(render(idx, s1_sil)))
         thr1 = D.closed_threshold(D.mouth_opening(pts[tr]))
-        thr2 = D.closed_threshold(D.mouth_opening(points478(h.crops[tr])))
+        real_tr = D.mouth_opening(points478(h.crops[tr]))
+        thr2 = D.closed_threshold(real_tr)
+        # the bar: what the same ruler reads on the real frames the tracker finds closed
+        thr_real = D.closed_range(real_tr, D.mouth_opening(pts[tr]))
         # the same range on the autoencoder's reconstructions of those frames: the most closed mouth
         # the renderer's decoder draws (a diagnostic beside the bar, which stays the real frames')
         thr_ae = D.closed_threshold(D.mouth_opening(points478(paste_lower_face(_reconstruct(model, h.crops[tr]), h.crops[tr], mask))))
         rep["silence"] = {"frames": int(sil.num_frames), "stage1_max": float(np.nanmax(o1)), "stage1_closed": thr1,
                           "faces_max": float(np.nanmax(o2)), "faces_p90": float(np.nanquantile(o2, 0.9)),
-                          "faces_closed": thr2, "faces_closed_autoencoder": thr_ae,
+                          "faces_closed": thr2, "faces_closed_real": thr_real, "faces_closed_autoencoder": thr_ae,
                           "faces_missed": int(np.isnan(o2).sum()),
-                          "stage1_ok": bool(np.nanmax(o1) <= thr1), "faces_ok": bool(np.nanmax(o2) <= thr2)}
+                          "stage1_ok": bool(np.nanmax(o1) <= thr1), "faces_ok": bool(np.nanmax(o2) <= thr_real)}
     return rep
 
 
@@ -163,7 +170,8 @@ def format_dubbing(rep: dict[str, Any], clip: str = "this clip") -> str:
     the audio), lip-shape error, and the silence check."""
     lines = [f"[finetune] dubbing: template frames {rep['template_frames']} driven by the audio of "
              f"{rep['audio_frames']} ({rep['frames']} frames; {rep['train_frames']} training frames; "
-             f"box {rep['landmark_box']}; mouth model {'on' if rep['mouth_model'] else 'off'})",
+             f"box {rep['landmark_box']}; mouth model {'on' if rep['mouth_model'] else 'off'}; {rep['sampler']} "
+             f"{rep['sampler_steps']} steps, x_T scale {rep.get('noise_scale', 1.0):g})",
              "| clip | opening of | corr with the audio's truth ↑ | corr with the template | same, given the audio | "
              "faces: corr with the landmarks drawn | lip-shape error (x nose length) ↓ |", "|---|---|---|---|---|---|---|"]
     for key, name in DUB_ROWS:
@@ -180,6 +188,7 @@ def format_dubbing(rep: dict[str, Any], clip: str = "this clip") -> str:
         s = rep["silence"]
         lines.append(f"silence ({s['frames']} frames): stage 1 max opening {s['stage1_max']:.4f} (closed range <= "
                      f"{s['stage1_closed']:.4f}: {s['stage1_ok']}); faces max {s['faces_max']:.4f}, 90th pct "
-                     f"{s['faces_p90']:.4f} (closed range <= {s['faces_closed']:.4f}: {s['faces_ok']}; the autoencoder's "
-                     f"reconstructions of those frames: <= {s.get('faces_closed_autoencoder', float('nan')):.4f})")
+                     f"{s['faces_p90']:.4f} (the real closed frames read <= {s.get('faces_closed_real', float('nan')):.4f}: "
+                     f"{s['faces_ok']}; lowest 10 % of the real frames' readings <= {s['faces_closed']:.4f}; of the "
+                     f"autoencoder's reconstructions <= {s.get('faces_closed_autoencoder', float('nan')):.4f})")
     return "\n".join(lines)

@@ -123,10 +123,11 @@ def reference_frame(h: HoldoutData) -> int:
 
 
 def generate(model: Any, h: HoldoutData, *, audio_driven: bool, steps: int = 25, sampler: str = "ddim",
-             seed: int = 0, frames: np.ndarray | None = None, noise_scale: float = 1.0) -> np.ndarray:
+             seed: int = 0, frames: np.ndarray | None = None, noise_scale: float | None = None) -> np.ndarray:
     """Our crops for the test frames (pipeline stages), pasted like the baselines: (B, S, S, 3) uint8.
 
-    ``noise_scale`` multiplies the shared x_T (pipeline.initial_noise(seed)); 1 is what ``sync`` does."""
+    ``noise_scale`` multiplies the shared x_T (pipeline.initial_noise(seed)); None = the model's, what
+    ``sync`` does."""
     from ..face import topology
     from ..face.blend import lower_face_mask
     from ..pipeline import (AudioFeatures, complete_landmarks, encode_reference, initial_noise, landmarks_to_crop,
@@ -143,7 +144,7 @@ def generate(model: Any, h: HoldoutData, *, audio_driven: bool, steps: int = 25,
         lms = landmarks_to_crop(h.analysis, lm_box, idx, model)
     else:
         lms = h.points_crop[idx]
-    noise = initial_noise(model, seed) * float(noise_scale)
+    noise = initial_noise(model, seed, noise_scale)
     gen = sample_faces(model, h.crops[idx], lms, ref, steps=steps, sampler=sampler, seed=seed, batch_size=32,
                        noise=noise)
     return paste_lower_face(gen, h.crops[idx], lower_face_mask(S))
@@ -171,9 +172,10 @@ def score(gen: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
 
 def holdout_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, holdout: float, *,
                    device: str | None = None, vae: str | os.PathLike | None = None, sampler: str = "ddim",
-                   steps: int = 25, seed: int = 0, noise_scale: float = 1.0) -> dict[str, Any]:
+                   steps: int = 25, seed: int = 0, noise_scale: float | None = None) -> dict[str, Any]:
     """The hold-out report on one clip: {method: metrics} for METHODS, plus the verdicts."""
     from ..pipeline import load_model
+    from ..sampling import noise_scale_of
 
     h = load_holdout(shard, holdout)
     if len(h.test_idx) < 3:
@@ -189,7 +191,7 @@ def holdout_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
     rep: dict[str, Any] = {"rows": rows, "test_frames": int(len(h.test_idx)), "train_frames": int(len(h.train_idx)),
                            "crop_size": int(h.crops.shape[1]), "donor_frame": int(base["_donor"]),
                            "reference_frame": reference_frame(h), "sampler": sampler, "sampler_steps": steps,
-                           "noise_scale": float(noise_scale), "seed": int(seed)}
+                           "noise_scale": noise_scale_of(model, noise_scale), "seed": int(seed)}
     rep["verdict"] = verdicts(rows)
     return rep
 

@@ -138,7 +138,7 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
              holdout: float = 0.0, device: str | None = None, resume: bool = False, preset: str = "auto",
              steps: int | None = None, ae_steps: int | None = None, crop_size: int | None = None, lr: float | None = None,
              batch_size: int | None = None, bf16: bool = False, seed: int = 0, eval_every: int = 250,
-             sampler: str = "ddim", sampler_steps: int = 25, noise_scale: float = 1.0, threads: int | None = None,
+             sampler: str = "ddim", sampler_steps: int = 25, noise_scale: float | None = None, threads: int | None = None,
              dubbing: bool = False, progress: ProgressFn | None = None, tqdm_bar: bool = True,
              print_fn: Callable[[str], None] | None = print) -> FinetuneResult:
     """Train a person-specific TalkFormer on one clip (see the module doc). Returns the result.

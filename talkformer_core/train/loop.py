@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..config import TalkFormerConfig, preset
 from ..errors import CheckpointError, InputError
 from ..signals import defer_sigint
-from .batching import StepBatchSampler, _seed_of
+from .batching import StepBatchSampler, _seed_of, balance_weights
 from .distributed import init_distributed
 from .ema import EMA
 from .latents import LATENT_CACHE_MAX_BYTES, LatentCache, latent_scale_factor
@@ -227,8 +227,9 @@ def train(cfg: TalkFormerConfig | str, options: TrainOptions | None = None, **fi
             warnings.warn("--resume with a different world size / batch size / grad_accum: the batch "
                           "sequence differs from the original run's", stacklevel=2)
 
+    weights = balance_weights(dataset.openness(), cfg.train.balance_openness) if cfg.train.balance_openness > 0 else None
     sampler = StepBatchSampler(len(dataset), cfg.train.batch_size, dd.world, dd.rank, o.grad_accum, o.seed,
-                               start_step, o.steps)
+                               start_step, o.steps, weights=weights)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=o.num_workers,
                                          pin_memory=dev.type == "cuda", persistent_workers=False,
                                          # its own generator: creating the iterator must not draw
