@@ -84,7 +84,9 @@ def page(results: dict[str, dict], a: argparse.Namespace) -> str:
     from talkformer_core.finetune.dubbing import DUB_ROWS
     from talkformer_core.finetune.holdout import report_table
 
-    lines = [f"`python bench/dubbing.py --budget-minutes {a.budget_minutes:g} --jobs {a.jobs} --threads {a.threads}`: "
+    extra = (" --report-only" if a.report_only else "") + \
+        (f" --noise-scale {a.noise_scale:g}" if a.noise_scale is not None else "") + (f" --tag {a.tag}" if a.tag else "")
+    lines = [f"`python bench/dubbing.py --budget-minutes {a.budget_minutes:g} --jobs {a.jobs} --threads {a.threads}{extra}`: "
              "per clip `python -m talkformer_core.finetune --holdout 0.4 --dubbing` (preset cpu64), trained on frames "
              "[0, 0.6); the template frames [0.8, 1.0) driven by the audio of [0.6, 0.8). Opening = inner-lip gap over "
              "the nose length (`talkformer_core.eval.dubbing`); generated faces measured by mediapipe on the crops "
