@@ -355,7 +355,11 @@ def test_hosted_by_comfyui(checkpoint, tmp_path):
     assert r.returncode == 0 and lines, r.stdout[-2000:] + r.stderr[-3000:]
     res = json.loads(lines[0][7:])
     assert res["paths"][0] == str(extra) and res["paths"][1].endswith(os.path.join("models", "talkformer"))
-    assert res["exts"] == [".safetensors"] and res["files"] == [checkpoint.name]
+    # the user's folders first, the pack's own checkpoints/ (the demo model) listed last; .safetensors only
+    pack_ckpts = ROOT / "checkpoints"
+    assert res["paths"][-1] == str(pack_ckpts)
+    assert res["exts"] == [".safetensors"] and sorted(res["files"]) == sorted(
+        [checkpoint.name] + [f.name for f in pack_ckpts.glob("*.safetensors")])
     assert res["calls"] == [[1, 4, None], [2, 4, ["JPEG", [300, 600], 512]]]
     assert res["interrupt"] == "InterruptProcessingException"
     if "patcher" in res:
