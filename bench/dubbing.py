@@ -107,8 +107,8 @@ def page(results: dict[str, dict], a: argparse.Namespace) -> str:
               "similarity alignment on the upper face, in nose lengths.", "",
               "| clip | frames | audio's truth vs template's truth | stage 1 on the template's own audio | "
               "silence: stage 1 max / closed range | silence: faces max / 90th pct / real closed frames' range / "
-              "lowest 10 % of the real readings / the autoencoder's | "
-              "minutes (pre / AE / TF / report) | steps (AE / TF) |", "|---|---|---|---|---|---|---|---|"]
+              "lowest 10 % of the real readings / the autoencoder's | silence on training frames: faces max | "
+              "minutes (pre / AE / TF / report) | steps (AE / TF) |", "|---|---|---|---|---|---|---|---|---|"]
     for clip, res in results.items():
         d = res["report"]["dubbing"]
         s = d.get("silence", {})
@@ -119,7 +119,7 @@ def page(results: dict[str, dict], a: argparse.Namespace) -> str:
                      f"{_f(s.get('stage1_max'), '.4f')} / {_f(s.get('stage1_closed'), '.4f')} | "
                      f"{_f(s.get('faces_max'), '.4f')} / {_f(s.get('faces_p90'), '.4f')} / "
                      f"{_f(s.get('faces_closed_real'), '.4f')} / {_f(s.get('faces_closed'), '.4f')} / "
-                     f"{_f(s.get('faces_closed_autoencoder'), '.4f')} | "
+                     f"{_f(s.get('faces_closed_autoencoder'), '.4f')} | {_f(s.get('faces_max_seen_template'), '.4f')} | "
                      + " / ".join(f"{m.get(k, 0):.1f}" for k in ("preprocess", "autoencoder", "talkformer", "report"))
                      + f" | {st.get('autoencoder', 0)} / {st.get('talkformer', 0)} |")
     lines += ["", bar(results), "", "Self-reconstruction of the same models (held-out frames [0.6, 1.0) driven by "

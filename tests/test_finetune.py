@@ -127,12 +127,13 @@ def test_dubbing_report_on_a_tiny_run(videos, tmp_path):
     for key in ("stage1", "faces", "renderer_true_landmarks", "loudness"):
         assert {"corr_audio", "corr_template", "corr_template_given_audio"} <= set(rep["rows"][key])
     assert "corr_landmarks" in rep["rows"]["faces"] and "corr_landmarks" in rep["rows"]["renderer_true_landmarks"]
+    assert "corr_landmarks" in rep["rows"]["faces_seen_template"] and rep["noise_scale"] == 1.0  # tiny: the paper's
     s = rep["silence"]
     assert s["frames"] == 50 and s["stage1_closed"] > 0
     assert {"faces_max", "faces_p90", "faces_closed", "faces_closed_real", "faces_closed_autoencoder", "faces_ok"} <= set(s)
-    assert s["faces_ok"] == (s["faces_max"] <= s["faces_closed_real"])
+    assert s["faces_ok"] == (s["faces_max"] <= s["faces_closed_real"]) and s["faces_max_seen_template"] >= 0
     text = format_dubbing(rep, "talk.mp4")
-    assert "the real closed frames read" in text and "of the autoencoder's reconstructions" in text and "loudness model" in text
+    assert "faces, the template taken from the training frames" in text and "the real closed frames read" in text and "of the autoencoder's reconstructions" in text and "loudness model" in text
 
 
 def test_baselines_are_exact_on_a_static_clip():

@@ -57,8 +57,9 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
     split in halves, new audio = the first, template = the second (holdout 0.4: [0.6, 0.8) drives
     [0.8, 1.0)). Opening series of stage 1 (predicted landmarks, crop frame), of the generated faces
     (mediapipe on the crops at 256 px), of the renderer given the new audio's TRUE jaw and lips (placed
-    on the template's mouth: does stage 2 follow its landmarks and nothing else?), and the loudness
-    model; each correlated with the new audio's truth and with the template. Lip-shape error of
+    on the template's mouth: does stage 2 follow its landmarks and nothing else?), of the faces with
+    the last training frames as the template (a diagnostic: a user dubs the video the model trained
+    on), and the loudness model; each correlated with the new audio's truth and with the template. Lip-shape error of
     stage 1 and of the template's own lips against the truth after upper-face alignment. Silence:
     ``SILENCE_SECONDS`` of zeros drive the template; their openings against the person's closed range:
     stage 1 against the lowest 10 % of the training frames' openings; the faces against what the same
@@ -125,6 +126,14 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
     faces_true = D.mouth_opening(points478(render(te, placed_crop)))
     rows["renderer_true_landmarks"] = D.dubbing_scores(faces_true, truth, tmpl)
     rows["renderer_true_landmarks"]["corr_landmarks"] = D.pearson(faces_true, D.mouth_opening(placed_crop))
+    # the same new audio on the last training frames: what a user who dubs the video the model was
+    # trained on gets; against the row above, how much is the renderer on frames it never saw
+    seen = tr[-len(au):] if len(tr) >= len(au) else None
+    if seen is not None:
+        s1_seen = stage1(seen, h.mels[au])
+        faces_seen = D.mouth_opening(points478(render(seen, s1_seen)))
+        rows["faces_seen_template"] = D.dubbing_scores(faces_seen, truth, D.mouth_opening(pts[seen]))
+        rows["faces_seen_template"]["corr_landmarks"] = D.pearson(faces_seen, D.mouth_opening(s1_seen))
     loud = D.LoudnessModel.fit(D.frame_loudness(h.mels[tr]), D.mouth_opening(pts[tr]))
     rows["loudness"] = D.dubbing_scores(loud.predict(D.frame_loudness(h.mels[au])), truth, tmpl)
     rows["template_lips"] = {"lip_shape_error": float(np.nanmean(shape_tmpl))}
@@ -150,7 +159,11 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
         # the same range on the autoencoder's reconstructions of those frames: the most closed mouth
         # the renderer's decoder draws (a diagnostic beside the bar, which stays the real frames')
         thr_ae = D.closed_threshold(D.mouth_opening(points478(paste_lower_face(_reconstruct(model, h.crops[tr]), h.crops[tr], mask))))
+        if seen is not None:  # silence on training frames (see "faces_seen_template")
+            idx_seen = np.resize(seen, sil.num_frames)
+            o_seen = D.mouth_opening(points478(render(idx_seen, stage1(idx_seen, sil.windows))))
         rep["silence"] = {"frames": int(sil.num_frames), "stage1_max": float(np.nanmax(o1)), "stage1_closed": thr1,
+                          "faces_max_seen_template": float(np.nanmax(o_seen)) if seen is not None else None,
                           "faces_max": float(np.nanmax(o2)), "faces_p90": float(np.nanquantile(o2, 0.9)),
                           "faces_closed": thr2, "faces_closed_real": thr_real, "faces_closed_autoencoder": thr_ae,
                           "faces_missed": int(np.isnan(o2).sum()),
@@ -162,7 +175,8 @@ DUB_ROWS = (("stage1", "stage 1 (predicted landmarks)"), ("faces", "generated fa
             ("stage1_transformer", "stage 1, transformer alone"), ("faces_transformer", "faces, transformer alone"),
             ("stage1_blend", "stage 1, mouth model + transformer averaged"),
             ("faces_blend", "faces, mouth model + transformer averaged"),
-            ("renderer_true_landmarks", "renderer, the audio's true landmarks"), ("loudness", "loudness model"))
+            ("renderer_true_landmarks", "renderer, the audio's true landmarks"),
+            ("faces_seen_template", "faces, the template taken from the training frames"), ("loudness", "loudness model"))
 
 
 def format_dubbing(rep: dict[str, Any], clip: str = "this clip") -> str:
@@ -190,5 +204,6 @@ def format_dubbing(rep: dict[str, Any], clip: str = "this clip") -> str:
                      f"{s['stage1_closed']:.4f}: {s['stage1_ok']}); faces max {s['faces_max']:.4f}, 90th pct "
                      f"{s['faces_p90']:.4f} (the real closed frames read <= {s.get('faces_closed_real', float('nan')):.4f}: "
                      f"{s['faces_ok']}; lowest 10 % of the real frames' readings <= {s['faces_closed']:.4f}; of the "
-                     f"autoencoder's reconstructions <= {s.get('faces_closed_autoencoder', float('nan')):.4f})")
+                     f"autoencoder's reconstructions <= {s.get('faces_closed_autoencoder', float('nan')):.4f}; "
+                     f"on training frames as the template: max {fmt(s.get('faces_max_seen_template'), '.4f')})")
     return "\n".join(lines)
