@@ -76,8 +76,10 @@ def run_clips(clips: list[Path], work: Path, a: argparse.Namespace) -> dict[str,
     return done
 
 
-def _f(v, fmt: str = ".3f") -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, fmt)
+def _f(v, spec: str = ".3f") -> str:
+    from talkformer_core.finetune.holdout import fmt  # the one "n/a"-aware number format
+
+    return fmt(v, spec)
 
 
 def page(results: dict[str, dict], a: argparse.Namespace) -> str:

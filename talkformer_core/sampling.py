@@ -62,13 +62,18 @@ def tensor_to_crops(x: torch.Tensor) -> np.ndarray:
     return to_pixels(x).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def noise_scale_of(model: LoadedModel, scale: float | None = None) -> float:
-    """``scale``, or the model's own (``DiffusionConfig.noise_scale``: 0.5 for person models, else 1);
-    InputError unless finite and >= 0."""
-    s = float(model.config.model.diffusion.noise_scale if scale is None else scale)
-    if not math.isfinite(s) or s < 0:
+def check_noise_scale(scale: float | None) -> None:
+    """InputError unless ``scale`` is None (the model's own) or a finite number >= 0; callers run it
+    before any long work."""
+    if scale is not None and not (math.isfinite(float(scale)) and float(scale) >= 0):
         raise InputError(f"noise scale {scale}: expected a number >= 0 (1 = the paper's x_T, 0 = no noise)")
-    return s
+
+
+def noise_scale_of(model: LoadedModel, scale: float | None = None) -> float:
+    """``scale`` (checked), or the model's own (``DiffusionConfig.noise_scale``: 0.5 for person models,
+    else 1)."""
+    check_noise_scale(scale)
+    return float(model.config.model.diffusion.noise_scale if scale is None else scale)
 
 
 def initial_noise(model: LoadedModel, seed: int, scale: float | None = None) -> torch.Tensor:

@@ -59,6 +59,7 @@ def test_cli_rejects_bad_inputs_with_clear_errors(videos, tmp_path, capsys):
         (["--video", str(d / "talk.mp4"), "--out", str(tmp_path / "p.ckpt")], "expected a .safetensors"),
         (["--video", str(d / "talk.mp4"), "--out", out, "--vae", str(d / "nope.safetensors")], "--vae"),
         (["--video", str(d / "talk.mp4"), "--out", out, "--resume"], "no earlier run"),
+        (["--video", str(d / "talk.mp4"), "--out", out, "--holdout", "0.4", "--noise-scale", "-0.5"], "noise scale -0.5"),
     ]
     for argv, needle in cases:
         rc, err = _cli(argv, capsys)

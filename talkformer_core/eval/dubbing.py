@@ -181,7 +181,7 @@ def closed_range(measured: Any, truth: Any, q: float = 0.1) -> float:
     ok = np.isfinite(m) & np.isfinite(t)
     if not ok.any():
         raise ValueError("closed_range: no frame with both openings")
-    closed = ok & (t <= np.quantile(t[ok], q))
+    closed = ok & (t <= closed_threshold(t[ok], q))
     return float(m[closed].max())
 
 

@@ -134,7 +134,8 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
         faces_seen = D.mouth_opening(points478(render(seen, s1_seen)))
         rows["faces_seen_template"] = D.dubbing_scores(faces_seen, truth, D.mouth_opening(pts[seen]))
         rows["faces_seen_template"]["corr_landmarks"] = D.pearson(faces_seen, D.mouth_opening(s1_seen))
-    loud = D.LoudnessModel.fit(D.frame_loudness(h.mels[tr]), D.mouth_opening(pts[tr]))
+    open_tr = D.mouth_opening(pts[tr])  # the training frames' true openings
+    loud = D.LoudnessModel.fit(D.frame_loudness(h.mels[tr]), open_tr)
     rows["loudness"] = D.dubbing_scores(loud.predict(D.frame_loudness(h.mels[au])), truth, tmpl)
     rows["template_lips"] = {"lip_shape_error": float(np.nanmean(shape_tmpl))}
     # self-reconstruction of the template frames (their own audio), stage 1 only
@@ -151,11 +152,11 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
         s1_sil = stage1(idx, sil.windows)
         o1 = D.mouth_opening(s1_sil)
         o2 = D.mouth_opening(points478(render(idx, s1_sil)))
-        thr1 = D.closed_threshold(D.mouth_opening(pts[tr]))
+        thr1 = D.closed_threshold(open_tr)
         real_tr = D.mouth_opening(points478(h.crops[tr]))
         thr2 = D.closed_threshold(real_tr)
         # the bar: what the same ruler reads on the real frames the tracker finds closed
-        thr_real = D.closed_range(real_tr, D.mouth_opening(pts[tr]))
+        thr_real = D.closed_range(real_tr, open_tr)
         # the same range on the autoencoder's reconstructions of those frames: the most closed mouth
         # the renderer's decoder draws (a diagnostic beside the bar, which stays the real frames')
         thr_ae = D.closed_threshold(D.mouth_opening(points478(paste_lower_face(_reconstruct(model, h.crops[tr]), h.crops[tr], mask))))

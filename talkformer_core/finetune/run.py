@@ -55,7 +55,8 @@ ProgressFn = Callable[[str, int, int, dict[str, Any]], None]  # (stage, step, to
 
 def validate_inputs(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes: float, holdout: float,
                     vae: str | os.PathLike | None, init_landmarks: str | os.PathLike | None,
-                    steps: int | None, preset: str, ae_steps: int | None = None, dubbing: bool = False) -> None:
+                    steps: int | None, preset: str, ae_steps: int | None = None, dubbing: bool = False,
+                    noise_scale: float | None = None) -> None:
     """Every bad argument, before any long work (clear errors naming the file)."""
     from ..video import probe_video
 
@@ -77,6 +78,9 @@ def validate_inputs(video: str | os.PathLike, out: str | os.PathLike, *, budget_
         raise InputError(f"--ae-steps {ae_steps}: expected >= 1")
     if preset not in PRESETS:
         raise InputError(f"--preset {preset!r}: expected one of {PRESETS}")
+    from ..sampling import check_noise_scale
+
+    check_noise_scale(noise_scale)  # used only by the report after training: checked now
     for name, p in (("--vae", vae), ("--init-landmarks", init_landmarks)):
         if p is not None and not Path(p).is_file():
             raise InputError(f"{name} {p}: no such file; expected a .safetensors file")
@@ -157,7 +161,8 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
 
     video, out = Path(video), Path(out)
     validate_inputs(video, out, budget_minutes=budget_minutes, holdout=holdout, vae=vae,
-                    init_landmarks=init_landmarks, steps=steps, preset=preset, ae_steps=ae_steps, dubbing=dubbing)
+                    init_landmarks=init_landmarks, steps=steps, preset=preset, ae_steps=ae_steps, dubbing=dubbing,
+                    noise_scale=noise_scale)
     if ae_steps is None:
         ae_steps = steps
     if threads:
