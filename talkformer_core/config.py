@@ -167,6 +167,12 @@ class TrainConfig:
     # position). Our addition for one-clip training, where the held-out frames' heads sit where no
     # training frame's did (docs/finetune_results.md, "Held-out head turns").
     shift_augment: int = 0
+    # Stage talkformer: each training window's lower face is sheared sideways against its upper face
+    # by a whole number of pixels (at the lips) up to turn_augment * the crop width either way, its
+    # landmarks with it (train.augment: what a head turn does to the mouth). 0 = off. Our addition
+    # for one-clip training: held-out template heads turn beyond the training frames', and there the
+    # renderer drew closed landmarks half-open (docs/dubbing.md).
+    turn_augment: float = 0.0
     # Stage talkformer: eq. 1's squared error weighted mouth_loss_weight on the latent cells around
     # the target frame's lips (their box, one cell of margin), 1 elsewhere; 1 = eq. 1 as written.
     # Our addition for one-clip training: the mouth moves in a fraction of the lower half's cells

@@ -234,25 +234,41 @@ def test_autoencoder_stage_scale_factor_and_use(shards, tmp_path):
     assert any((tmp_path / "tf" / "tb").iterdir())
 
 
-def test_latent_cache_gives_the_losses_and_gradients_of_encoding_every_step(shards, ae_file):
-    """LatentCache (stage talkformer) holds E(crop) and E(masked crop) of every training frame; a
-    step reading it computes the same losses and gradients as a step encoding its three images."""
+@pytest.mark.parametrize("turn", [0.0, 0.1])
+def test_latent_cache_gives_the_losses_and_gradients_of_encoding_every_step(shards, ae_file, turn):
+    """LatentCache (stage talkformer) holds E(crop) and E(masked crop) of every training frame (and,
+    with the turn augmentation, E(turned crop) per level); a step reading it computes the same losses
+    and gradients as a step encoding its images."""
     from talkformer_core.data.dataset import TalkingFaceDataset
     from talkformer_core.models.checkpoint import load_model_state, read_checkpoint
     from talkformer_core.models.model import TalkFormer
     from talkformer_core.train.latents import LatentCache
     from talkformer_core.train.steps import TalkFormerStep
 
+    from talkformer_core.train.augment import turn_levels, turn_lower_face
+
     cfg = tiny_config(end_to_end=True)
+    cfg.train.turn_augment = turn
     torch.manual_seed(0)
     model = TalkFormer(cfg).eval()
     load_model_state(model.autoencoder, read_checkpoint(ae_file)[0], "autoencoder")
     ds = TalkingFaceDataset(shards, cfg, frames=(0.0, 0.8))
-    cache = LatentCache(model, ds, torch.device("cpu"), batch=7)  # a batch size that splits clips unevenly
+    turns = turn_levels(turn, cfg.model.image_size) if turn else []
+    cache = LatentCache(model, ds, torch.device("cpu"), batch=7, turns=turns)  # 7 splits clips unevenly
     assert len(cache.z) == len(ds.clips) == 2
     for ci, clip in enumerate(ds.clips):
         assert cache.z[ci].shape[0] == clip.hi - clip.lo
-    assert LatentCache.estimate_bytes(model, ds) == sum(2 * z.numel() * 4 for z in cache.z)
+    assert LatentCache.estimate_bytes(model, ds, len(turns)) == sum((2 + len(turns)) * z.numel() * 4 for z in cache.z)
+    if turn:
+        assert len(turns) >= 5 and 0.0 in turns
+        i = len(turns) - 1
+        b0 = torch.utils.data.default_collate([ds[(2, 3)]])
+        with torch.no_grad():
+            z_t, _, _ = cache.lookup(b0, [i])
+            x = b0["crops"].flatten(0, 1)
+            assert torch.allclose(z_t, model.encode(turn_lower_face(x, torch.full((len(x),), turns[i]))), atol=1e-5)
+            assert not torch.allclose(z_t, model.encode(x), atol=1e-3)  # the level is not the plain crop
+            assert torch.equal(cache.lookup(b0, [turns.index(0.0)])[0], cache.lookup(b0)[0])
 
     batch = torch.utils.data.default_collate([ds[(i, 3)] for i in (0, 5, len(ds) - 1)])
     with torch.no_grad():
@@ -268,7 +284,7 @@ def test_latent_cache_gives_the_losses_and_gradients_of_encoding_every_step(shar
         parts = step.losses(batch, torch.Generator().manual_seed(3))
         parts["loss"].backward()
         grads = torch.cat([p.grad.flatten() for p in model.unet.parameters() if p.grad is not None])
-        out.append((float(parts["ldm"]), float(parts["l1"]), grads))
+        out.append((float(parts["ldm"].detach()), float(parts["l1"].detach()), grads))
     assert out[0][0] == pytest.approx(out[1][0], rel=1e-4) and out[0][1] == out[1][1]
     assert torch.allclose(out[0][2], out[1][2], rtol=1e-3, atol=1e-6)
 
@@ -408,6 +424,85 @@ def test_shift_augment_moves_latents_context_and_landmarks_together(shards, ae_f
         assert torch.allclose(seen["z_t"][:, :, : h // 2], shifted[:, :, : h // 2], atol=1e-5)
         shifts.update(k.tolist())
     assert shifts == {-1, 0, 1}
+
+
+def test_turn_lower_face_moves_pixels_and_landmarks_alike():
+    """train.augment: the upper half (the masked context's visible part) is untouched; from the lips'
+    rows down the content moves by the level's whole pixels; in between by the ramp; a landmark moves
+    where its pixel went. The levels are whole pixels, symmetric, at most MAX_LEVELS."""
+    from talkformer_core.train.augment import MAX_LEVELS, ramp, turn_landmarks, turn_levels, turn_lower_face
+
+    S = 64
+    assert turn_levels(0.0, S) == [0.0]
+    lv = turn_levels(1 / 16, S)
+    assert [round(v * S) for v in lv] == list(range(-4, 5))
+    big = turn_levels(0.08, 256)
+    assert len(big) <= MAX_LEVELS and big == [-v for v in big[::-1]] and all(float(v * 256).is_integer() for v in big)
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(2, 3, S, S, generator=g)
+    s = torch.tensor([3 / S, -2 / S])
+    out = turn_lower_face(img, s)
+    assert torch.allclose(out[:, :, : S // 2], img[:, :, : S // 2], atol=1e-5)
+    rows = slice(int(0.66 * S), S)  # ramp 1
+    assert torch.allclose(out[0, :, rows, 3:], img[0, :, rows, :-3], atol=1e-5)
+    assert torch.allclose(out[1, :, rows, :-2], img[1, :, rows, 2:], atol=1e-5)
+    # one bright dot per ramp row: its centre of mass lands where turn_landmarks puts the point
+    for y in (35, 37, 39, 41, 50):
+        dot = torch.zeros(1, 1, S, S)
+        dot[0, 0, y, 30] = 1.0
+        moved = turn_lower_face(dot, torch.tensor([4 / S]))[0, 0, y]
+        got_x = float((moved * (torch.arange(S) + 0.5)).sum() / moved.sum()) / S
+        p = torch.tensor([[[30.5 / S, (y + 0.5) / S]]])
+        want = turn_landmarks(p, torch.tensor([4 / S]))
+        assert got_x == pytest.approx(float(want[0, 0, 0]), abs=1e-4)
+        assert float(want[0, 0, 1]) == float(p[0, 0, 1])
+        assert float(ramp(torch.tensor((y + 0.5) / S))) * 4 == pytest.approx((got_x * S - 30.5), abs=1e-3)
+
+
+def test_turn_augment_turns_each_window_and_its_landmarks_together(shards, ae_file):
+    """TrainConfig.turn_augment: per window one level; the U-Net sees every landmark moved by
+    level * ramp(y) and its context unchanged; over draws the levels span both directions."""
+    from talkformer_core.data.dataset import TalkingFaceDataset
+    from talkformer_core.models.checkpoint import load_model_state, read_checkpoint
+    from talkformer_core.models.model import TalkFormer
+    from talkformer_core.train.augment import ramp
+    from talkformer_core.train.steps import TalkFormerStep
+
+    cfg = tiny_config(end_to_end=False)
+    cfg.train.turn_augment = 0.1
+    torch.manual_seed(0)
+    model = TalkFormer(cfg).eval()
+    load_model_state(model.autoencoder, read_checkpoint(ae_file)[0], "autoencoder")
+    ds = TalkingFaceDataset(shards, cfg)
+    batch = torch.utils.data.default_collate([ds[i] for i in (0, 3, 9, 12)])
+    B, L = batch["crops"].shape[:2]
+    seen = {}
+    unet_forward = model.unet.forward
+
+    def spy(z_t, t, lms, ref, num_frames):
+        seen.update(lms=lms.detach())
+        return unet_forward(z_t, t, lms, ref, num_frames=num_frames)
+
+    model.unet.forward = spy
+    step = TalkFormerStep(model, cfg)
+    lm = batch["target_crop"].flatten(0, 1)  # (B*L, 131, 2)
+    r = ramp(lm[..., 1])
+    top = r.argmax(1)  # per frame the point lowest on the ramp
+    assert (r.amax(1) > 0.5).all() and (r == 0).any(1).all()
+    levels = set()
+    for seed in range(8):
+        with torch.no_grad():
+            step.losses(batch, torch.Generator().manual_seed(seed))
+        dx = (seen["lms"] - lm)[..., 0]  # (B*L, 131)
+        rows = torch.arange(B * L)
+        s = dx[rows, top] / r[rows, top]  # (B*L,) the level
+        assert torch.allclose(dx, s[:, None] * r, atol=1e-6)  # level * ramp(y), upper face still
+        assert torch.allclose(seen["lms"][..., 1], lm[..., 1])
+        px = torch.round(s * cfg.model.image_size)
+        assert torch.allclose(s * cfg.model.image_size, px, atol=1e-4)  # whole pixels at the lips
+        assert (px.view(B, L) == px.view(B, L)[:, :1]).all()  # one level per window
+        levels.update(px.tolist())
+    assert min(levels) < 0 < max(levels)
 
 
 def test_interrupt_inside_a_step_saves_nothing_of_it(shards, ae_file, tmp_path, monkeypatch):

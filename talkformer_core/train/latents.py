@@ -21,40 +21,57 @@ class LatentCache:
     found or not: a crop is an image either way).
     """
 
-    def __init__(self, model: nn.Module, dataset: Any, device: torch.device, batch: int = 64):
+    def __init__(self, model: nn.Module, dataset: Any, device: torch.device, batch: int = 64,
+                 turns: list[float] | None = None):
         self.lo: list[int] = []
         self.z: list[Tensor] = []
         self.ctx: list[Tensor] = []
+        # turns: the turn augmentation's levels (train.augment.turn_levels); z_turn[c][i] holds the
+        # latents of the crops turned by turns[i] (the context's lower half is blank: never turned)
+        self.turns = [float(v) for v in (turns or [])]
+        self.z_turn: list[Tensor] = []
         from ..data.dataset import _to_image
+        from .augment import turn_lower_face
 
         with torch.no_grad():
             for ci, clip in enumerate(dataset.clips):
                 crops = dataset.clip_arrays(ci)["crops"]  # (T, S, S, 3) uint8
-                zs, cs = [], []
+                zs, cs, ts = [], [], []
                 for a in range(clip.lo, clip.hi, batch):
                     x = _to_image(crops[a:min(a + batch, clip.hi)]).to(device)  # (b, 3, S, S), as the dataset
                     zs.append(model.encode(x).float())
                     cs.append(model.encode_masked(x).float())  # the dataset's masked crop
+                    if self.turns:
+                        ts.append(torch.stack([zs[-1] if v == 0 else model.encode(
+                            turn_lower_face(x, torch.full((len(x),), v, device=device))).float()
+                            for v in self.turns], 1))  # (b, levels, C, h, w)
                 self.lo.append(clip.lo)
                 self.z.append(torch.cat(zs))
                 self.ctx.append(torch.cat(cs))
+                if self.turns:
+                    self.z_turn.append(torch.cat(ts))
 
     @staticmethod
-    def estimate_bytes(model: nn.Module, dataset: Any) -> int:
-        """Bytes the cache would hold (two float32 latents per frame), from one encoded frame's shape."""
+    def estimate_bytes(model: nn.Module, dataset: Any, levels: int = 0) -> int:
+        """Bytes the cache would hold (two float32 latents per frame, and one per turn level), from
+        one encoded frame's shape."""
         with torch.no_grad():
             p = next(model.autoencoder.parameters())
             z = model.encode(torch.zeros(1, 3, dataset.S, dataset.S, device=p.device, dtype=p.dtype))
-        return int(sum(c.hi - c.lo for c in dataset.clips)) * 2 * z[0].numel() * 4
+        return int(sum(c.hi - c.lo for c in dataset.clips)) * (2 + levels) * z[0].numel() * 4
 
-    def lookup(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """(z0 (B*L, C, h, w), context (B*L, C, h, w), z_r (B, C, h, w)) of the batch's frames."""
+    def lookup(self, batch: Mapping[str, Tensor], turn: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(z0 (B*L, C, h, w), context (B*L, C, h, w), z_r (B, C, h, w)) of the batch's frames;
+        ``turn`` (B,) indices into ``turns``: z0 of each window's crops turned by that level."""
         clips = batch["clip_index"].tolist()  # (B,)
         frames = batch["frame_index"].tolist()  # (B, L)
         refs = batch["reference_index"].tolist()  # (B,)
         dev = self.z[0].device
         win = [torch.as_tensor([f - self.lo[c] for f in fr], device=dev) for c, fr in zip(clips, frames)]
-        z0 = torch.cat([self.z[c][w] for c, w in zip(clips, win)])
+        if turn is not None:
+            z0 = torch.cat([self.z_turn[c][w, i] for c, w, i in zip(clips, win, turn)])
+        else:
+            z0 = torch.cat([self.z[c][w] for c, w in zip(clips, win)])
         ctx = torch.cat([self.ctx[c][w] for c, w in zip(clips, win)])
         z_r = torch.stack([self.z[c][r - self.lo[c]] for c, r in zip(clips, refs)])
         return z0, ctx, z_r

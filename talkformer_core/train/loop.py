@@ -200,9 +200,10 @@ def train(cfg: TalkFormerConfig | str, options: TrainOptions | None = None, **fi
         dataset = TalkingFaceDataset(o.data, cfg, split="train", frames=o.frames, seed=o.seed)
 
     if o.stage == "talkformer" and o.cache_latents is not False:
-        need = LatentCache.estimate_bytes(model, dataset)
+        turns = step_module.turns if cfg.train.turn_augment > 0 else []
+        need = LatentCache.estimate_bytes(model, dataset, len(turns))
         if o.cache_latents or need <= LATENT_CACHE_MAX_BYTES:
-            step_module.latents = LatentCache(model, dataset, dev)
+            step_module.latents = LatentCache(model, dataset, dev, turns=turns)
             metrics_cache = need
             if not o.preview_every:  # the step reads latents only: no image tensors per sample
                 dataset.images = False

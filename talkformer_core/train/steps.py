@@ -87,6 +87,9 @@ class TalkFormerStep(nn.Module):
         self.cfg = cfg
         self.schedule = NoiseSchedule(cfg.model.diffusion)
         self.latents = latents  # not a module: never in a state dict, never broadcast by DDP
+        from .augment import turn_levels
+
+        self.turns = turn_levels(cfg.train.turn_augment, cfg.model.image_size)  # [0.0] when off
 
     def forward(self, batch: Mapping[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         parts = self.losses(batch, generator)
@@ -96,6 +99,7 @@ class TalkFormerStep(nn.Module):
         """{"loss": L_ldm + lambda * L1, "ldm": L_ldm, "l1": L1}, all with their graphs."""
         from ..diffusion import ldm_loss
         from ..face.topology import CONTENT_POS, box_to_crop
+        from .augment import turn_landmarks, turn_lower_face
 
         m, tc = self.model, self.cfg.train
         crops, masked = batch["crops"], batch["masked"]  # (B, L, 3, S, S)
@@ -109,13 +113,21 @@ class TalkFormerStep(nn.Module):
             lm_crop = box_to_crop(lm_box, batch["landmark_box"], batch["crop_box"])  # (B, L, 131, 2)
         else:
             lm_crop = batch["target_crop"]
+        # turn augmentation: one level per window (its frames turn together); drawn only when on,
+        # so runs without it keep their random stream
+        turn = None
+        if len(self.turns) > 1:
+            turn = torch.randint(0, len(self.turns), (B,), generator=generator, device=generator.device).tolist()
+            s = torch.tensor([self.turns[i] for i in turn], device=lm_crop.device).repeat_interleave(L)  # (B*L,)
+            lm_crop = turn_landmarks(lm_crop.flatten(0, 1), s).view_as(lm_crop)
         # stage 2: latents of the frozen autoencoder
         if self.latents is not None:
-            z0, ctx, z_r = self.latents.lookup(batch)
+            z0, ctx, z_r = self.latents.lookup(batch, turn)
             z0, ctx, z_r = (z.to(crops.dtype) for z in (z0, ctx, z_r))
         else:
             with torch.no_grad():
-                z0 = m.encode(crops.flatten(0, 1))  # (B*L, C, h, w)
+                x = crops.flatten(0, 1)
+                z0 = m.encode(x if turn is None else turn_lower_face(x, s.to(x.device)))  # (B*L, C, h, w)
                 ctx = m.encode(masked.flatten(0, 1))  # (B*L, C, h, w)
                 z_r = m.encode(batch["reference"])  # (B, C, h, w)
         T = self.schedule.num_timesteps

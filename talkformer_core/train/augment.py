@@ -1,0 +1,66 @@
+"""The turn augmentation of stage talkformer (TrainConfig.turn_augment): the lower face moved sideways
+against the upper face, as a head turn moves the mouth and chin against the eyes.
+
+A person model trains on seconds of one clip, and the template frames a user dubs may point the head
+where no training frame did: held out, face_5's mouth sits 2.4 px (at 64 px) beyond every training
+frame's, and there the renderer drew the same closed landmarks half-open (docs/dubbing.md, "Frame by
+frame on face_5"). The whole-window shift (``steps.shift_columns``) moves the whole face; this moves
+the mouth against the eyes.
+
+The warp is a horizontal shear of the crop's lower half: row y (in crop fractions) moves by
+``s * ramp(y)`` with ramp 0 above the mask line (y = 0.5: the masked context, whose lower half is
+blank, is unchanged) rising linearly to 1 at y = 0.65 (the lips' centre sits at 0.64-0.67 in the
+three real clips' crops) and 1 below, so lips, jaw and chin move together. The landmarks move with
+the same ramp. The shifts are whole pixels of the crop at the lips, a few levels at most, so the
+frozen autoencoder's latents of every level can be cached once (``LatentCache``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+RAMP = (0.5, 0.65)  # crop-fraction rows where the shear goes from 0 to its full shift
+MAX_LEVELS = 9  # cached latents per frame at most (gpu256 at 0.08 would otherwise need 41)
+
+
+def turn_levels(turn_augment: float, size: int) -> list[float]:
+    """The shifts (fractions of the crop width) a window draws from: whole pixels of a ``size`` px
+    crop up to ``turn_augment`` * size either way, at most MAX_LEVELS of them, 0 included."""
+    k = int(round(float(turn_augment) * size))
+    if k <= 0:
+        return [0.0]
+    step = max(1, math.ceil(2 * k / (MAX_LEVELS - 1)))
+    px = list(range(-(k // step) * step, k + 1, step))
+    return [p / size for p in px]
+
+
+def ramp(y: Tensor) -> Tensor:
+    """Share of the full shift at crop-fraction rows ``y`` (any shape): 0 above RAMP[0], 1 below RAMP[1]."""
+    a, b = RAMP
+    return ((y - a) / (b - a)).clamp(0.0, 1.0)
+
+
+def turn_lower_face(images: Tensor, s: Tensor) -> Tensor:
+    """Images (N, C, S, S) -> the same with row y's content moved right by s * ramp(y) * S px;
+    ``s`` (N,) fractions of the width (+ = right). Bilinear, edge columns repeated."""
+    N, _, H, W = images.shape
+    dev, dt = images.device, images.dtype
+    ys = (torch.arange(H, device=dev, dtype=dt) + 0.5) / H  # row centres
+    xs = (torch.arange(W, device=dev, dtype=dt) + 0.5) / W
+    src_x = xs[None, None, :] - s.to(dt)[:, None, None] * ramp(ys)[None, :, None]  # (N, H, W)
+    gx = src_x * 2 - 1  # align_corners=False: -1 and 1 are the outer edges of the edge pixels
+    gy = (ys * 2 - 1)[None, :, None].expand(N, H, W)
+    grid = torch.stack([gx, gy], -1)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def turn_landmarks(points: Tensor, s: Tensor) -> Tensor:
+    """Crop-frame landmarks (N, P, 2) in [0, 1] moved as ``turn_lower_face`` moves their pixels."""
+    dx = s.to(points.dtype)[:, None] * ramp(points[..., 1].detach())  # (N, P)
+    return torch.stack([points[..., 0] + dx, points[..., 1]], -1)
+
+
+__all__ = ["RAMP", "MAX_LEVELS", "turn_levels", "ramp", "turn_lower_face", "turn_landmarks"]
