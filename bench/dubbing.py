@@ -1,6 +1,7 @@
 """The dubbing protocol on the real clips (docs/dubbing.md): does the mouth follow new audio?
 
     python bench/dubbing.py [--budget-minutes 30] [--jobs 3] [--threads 1] [--clips A.mp4 ...]
+                            [--steps N --ae-steps M] [--turn-augment F] [--seed K]
                             [--work /tmp/talkformer_dubbing] [--out docs/dubbing.md] [--reuse]
                             [--report-only [--noise-scale S] [--tag T]]
     python bench/dubbing.py --stage1 [--transformer-steps 1500] [--threads 1]
@@ -59,6 +60,10 @@ def run_clips(clips: list[Path], work: Path, a: argparse.Namespace) -> dict[str,
                 cmd += ["--noise-scale", str(a.noise_scale)]
             if a.threads:
                 cmd += ["--threads", str(a.threads)]
+            for flag, v in (("--steps", a.steps), ("--ae-steps", a.ae_steps), ("--turn-augment", a.turn_augment),
+                            ("--seed", a.seed)):
+                if v is not None and not a.report_only:
+                    cmd += [flag, str(v)]
             log = open(work / f"{c.stem}{a.tag}.log", "w")
             print("run:", " ".join(cmd), flush=True)
             procs.append((c, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
@@ -87,7 +92,9 @@ def page(results: dict[str, dict], a: argparse.Namespace) -> str:
     from talkformer_core.finetune.holdout import report_table
 
     extra = (" --report-only" if a.report_only else "") + \
-        (f" --noise-scale {a.noise_scale:g}" if a.noise_scale is not None else "") + (f" --tag {a.tag}" if a.tag else "")
+        (f" --noise-scale {a.noise_scale:g}" if a.noise_scale is not None else "") + (f" --tag {a.tag}" if a.tag else "") + \
+        "".join(f" {f} {v:g}" for f, v in (("--steps", a.steps), ("--ae-steps", a.ae_steps),
+                                            ("--turn-augment", a.turn_augment), ("--seed", a.seed)) if v is not None)
     lines = [f"`python bench/dubbing.py --budget-minutes {a.budget_minutes:g} --jobs {a.jobs} --threads {a.threads}{extra}`: "
              "per clip `python -m talkformer_core.finetune --holdout 0.4 --dubbing` (preset cpu64), trained on frames "
              "[0, 0.6); the template frames [0.8, 1.0) driven by the audio of [0.6, 0.8). Opening = inner-lip gap over "
@@ -255,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true", help="score the checkpoints already in --work again")
     ap.add_argument("--noise-scale", type=float, default=None, help="x_T scale of the reports (default: the model's)")
     ap.add_argument("--tag", default="", help="suffix of the JSON reports' names (CLIP{tag}.json)")
+    ap.add_argument("--steps", type=int, default=None, help="finetune --steps (fixed TalkFormer steps)")
+    ap.add_argument("--ae-steps", type=int, default=None, help="finetune --ae-steps")
+    ap.add_argument("--turn-augment", type=float, default=None, help="finetune --turn-augment (default: the preset's)")
+    ap.add_argument("--seed", type=int, default=None, help="finetune --seed (default 0)")
     ap.add_argument("--stage1", action="store_true", help="stage 1 alone (minutes), see the module doc")
     ap.add_argument("--transformer-steps", type=int, default=1500)
     a = ap.parse_args(argv)
