@@ -5,6 +5,7 @@
                             [--work /tmp/talkformer_dubbing] [--out docs/dubbing.md] [--reuse]
                             [--report-only [--noise-scale S] [--tag T]]
     python bench/dubbing.py --stage1 [--transformer-steps 1500] [--threads 1]
+    python bench/dubbing.py --lags
 
 Full mode: for every clip (``--clips``, default the mp4s of ../shared/media), ``python -m
 talkformer_core.finetune --holdout 0.4 --dubbing`` with the CPU defaults (cpu64, 30 minutes):
@@ -23,6 +24,10 @@ the JSON reports named CLIP``--tag``.json beside the run's own).
 for ``--transformer-steps`` (IP-LAP's per-frame box and the stable box), on both directions of the
 held-out part (new audio [0.6, 0.8) on template [0.8, 1.0), and the reverse): the measurements
 behind docs/design.md's choice of stage 1 for person models.
+
+``--lags``: stage 1's timing (seconds): the mouth model fitted on [0, 0.6), the lag at which its
+opening best matches the truth on the training frames, the held-out frames and the protocol's
+(``eval.dubbing.lag_correlations``).
 """
 from __future__ import annotations
 
@@ -233,6 +238,55 @@ def stage1_scores(shard: Path, steps: int, seed: int = 0) -> dict[str, dict[str,
     return out
 
 
+def lag_rows(shard: Path, max_lag: int = 4) -> dict[str, dict[int, float | None]]:
+    """The mouth model fitted on frames [0, 0.6): D.lag_correlations of its opening with the truth on
+    the training frames, on the held-out frames driven by their own audio, and in the protocol."""
+    import types
+
+    import torch
+
+    from talkformer_core.config import person_config
+    from talkformer_core.eval import dubbing as D
+    from talkformer_core.face import topology
+    from talkformer_core.finetune.holdout import load_holdout
+    from talkformer_core.finetune.run import mouth_training_data
+    from talkformer_core.models.landmark_completion import LandmarkCompletion
+    from talkformer_core.pipeline import AudioFeatures, LoadedModel, complete_landmarks, landmarks_to_crop
+
+    h = load_holdout(shard, HOLDOUT)
+    a = h.analysis
+    sp = D.split_clip(len(h.crops), a.found, 1 - HOLDOUT, 1 - HOLDOUT / 2)
+    op = D.mouth_opening(a.track.points131_filled.astype(np.float64))
+    cfg = person_config(64)
+    net = LandmarkCompletion(cfg.model.landmark).eval()
+    net.mouth.fit(*mouth_training_data(shard, (0.0, 1 - HOLDOUT)))
+    model = LoadedModel("talkformer", cfg, types.SimpleNamespace(landmark=net), None, torch.device("cpu"), torch.float32)
+    refs = a.points_box(sp.train[topology.pick_spread(a.openness[sp.train], model.num_references)], "stable")
+    held = np.concatenate([sp.audio, sp.template])
+    out = {}
+    for name, au, te in (("training frames (fitted)", sp.train, sp.train), ("held-out, own audio", held, held),
+                         ("the protocol (new audio)", sp.audio, sp.template)):
+        lmb = complete_landmarks(model, a, AudioFeatures(h.mels[au], len(au), 25.0), te, references=refs)
+        out[name] = D.lag_correlations(D.mouth_opening(landmarks_to_crop(a, lmb, te, "stable")), op[au], max_lag)
+    return out
+
+
+def lag_page(results: dict[str, dict]) -> str:
+    lines = ["`python bench/dubbing.py --lags`: the mouth model (cpu64's features) fitted on frames [0, 0.6); "
+             "best lag of corr(predicted opening at t, true opening at t + lag), lag > 0 = the prediction leads "
+             "(its r; r at lag 0).", ""]
+    names = list(next(iter(results.values())))
+    lines += ["| clip | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for clip, rows in results.items():
+        cells = []
+        for n in names:
+            r = {k: v for k, v in rows[n].items() if v is not None}
+            best = max(r, key=lambda k: r[k])
+            cells.append(f"{best:+d} ({r[best]:.2f}; {_f(r.get(0), '.2f')} at 0)")
+        lines.append(f"| {clip} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def stage1_page(results: dict[str, dict], steps: int) -> str:
     lines = [f"`python bench/dubbing.py --stage1 --transformer-steps {steps}`: stage 1 alone, trained / fitted on "
              "frames [0, 0.6). A: template [0.8, 1.0) driven by the audio of [0.6, 0.8); B: the reverse. "
@@ -268,13 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="finetune --seed (default 0)")
     ap.add_argument("--stage1", action="store_true", help="stage 1 alone (minutes), see the module doc")
     ap.add_argument("--transformer-steps", type=int, default=1500)
+    ap.add_argument("--lags", action="store_true", help="stage 1's timing: the mouth model's best lag per clip (seconds)")
     a = ap.parse_args(argv)
     clips = [Path(c) for c in a.clips] if a.clips else sorted(MEDIA.glob("*.mp4"))
     if not clips:
         print(f"no clips (looked in {MEDIA})", file=sys.stderr)
         return 2
     work = Path(a.work)
-    if a.stage1:
+    if a.stage1 or a.lags:
         import torch
 
         from talkformer_core.data.preprocess import preprocess
@@ -285,9 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         res = {}
         for c in clips:
             shard = next(shards.glob(f"{c.stem}-*.npz"))
+            if a.lags:
+                res[c.name] = lag_rows(shard)
+                continue
             res[c.name] = stage1_scores(shard, a.transformer_steps)
             print(stage1_page({c.name: res[c.name]}, a.transformer_steps), flush=True)
-        text = stage1_page(res, a.transformer_steps)
+        text = lag_page(res) if a.lags else stage1_page(res, a.transformer_steps)
     else:
         if a.reuse:
             results = {c.name: json.loads((work / f"{c.stem}{a.tag}.json").read_text()) for c in clips

@@ -104,6 +104,20 @@ def test_closed_range_reads_the_truly_closed_frames_with_the_noisy_ruler():
         D.closed_range([np.nan], [0.0])
 
 
+def test_lag_correlations_find_a_known_lead():
+    rng = np.random.default_rng(0)
+    truth = np.convolve(rng.standard_normal(80), np.ones(3) / 3, mode="same")
+    lead = np.roll(truth, -2)  # pred[t] = truth[t + 2]: two frames early
+    r = D.lag_correlations(lead[:-2], truth[:-2], 4)
+    assert sorted(r) == list(range(-4, 5))
+    assert max(r, key=lambda k: r[k]) == 2 and r[2] == pytest.approx(1.0)
+    r0 = D.lag_correlations(truth, truth, 3)
+    assert max(r0, key=lambda k: r0[k]) == 0 and r0[1] < 0.999
+    assert D.lag_correlations(truth[:5], truth[:5], 3)[3] is None  # too few frames left
+    with pytest.raises(ValueError, match="one length"):
+        D.lag_correlations(truth, truth[:-1])
+
+
 def test_partial_correlation_and_linear_leak():
     rng = np.random.default_rng(1)
     truth = rng.normal(size=400)

@@ -163,6 +163,19 @@ def dubbing_scores(opening: Any, truth: Any, template: Any) -> dict[str, float |
             "truth_vs_template": pearson(truth, template)}
 
 
+def lag_correlations(pred: Any, truth: Any, max_lag: int = 4) -> dict[int, float | None]:
+    """{lag: Pearson r of pred[t] and truth[t + lag]} for lag in [-max_lag, max_lag]: lag > 0 means
+    the prediction leads the truth. A window placed off centre shows as the same best lag on every clip."""
+    p, t = np.asarray(pred, np.float64), np.asarray(truth, np.float64)
+    if p.shape != t.shape or p.ndim != 1:
+        raise ValueError(f"pred {p.shape} and truth {t.shape}: expected two series of one length")
+    out = {}
+    for lag in range(-int(max_lag), int(max_lag) + 1):
+        a, b = (p[: len(p) - lag], t[lag:]) if lag >= 0 else (p[-lag:], t[:lag])
+        out[lag] = pearson(a, b) if len(a) >= 4 else None
+    return out
+
+
 def closed_threshold(openings: Any, q: float = 0.1) -> float:
     """The person's closed-mouth range: the ``q`` quantile of their openings (lowest 10 %)."""
     v = np.asarray(openings, np.float64)
@@ -200,4 +213,5 @@ def linear_leak(pose: Any, opening: Any, fit_frac: float = 0.6, ridge: float = 1
 
 
 __all__ = ["DubbingSplit", "LoudnessModel", "UPPER_FACE_478", "closed_threshold", "dubbing_scores", "frame_loudness",
+           "lag_correlations",
            "linear_leak", "lip_shape_error", "mouth_opening", "partial_corr", "similarity_align", "split_clip"]
