@@ -49,6 +49,12 @@ HOLDOUT = 0.4
 # ----------------------------------------------------------------------------------------------
 # full mode: finetune + dubbing report per clip
 
+def training_flags(a: argparse.Namespace) -> list[tuple[str, float]]:
+    """The finetune options this bench passes through, those given: (flag, value)."""
+    given = (("--steps", a.steps), ("--ae-steps", a.ae_steps), ("--turn-augment", a.turn_augment), ("--seed", a.seed))
+    return [(f, v) for f, v in given if v is not None]
+
+
 def run_clips(clips: list[Path], work: Path, a: argparse.Namespace) -> dict[str, dict]:
     work.mkdir(parents=True, exist_ok=True)
     procs: list[tuple[Path, subprocess.Popen, object]] = []
@@ -65,10 +71,8 @@ def run_clips(clips: list[Path], work: Path, a: argparse.Namespace) -> dict[str,
                 cmd += ["--noise-scale", str(a.noise_scale)]
             if a.threads:
                 cmd += ["--threads", str(a.threads)]
-            for flag, v in (("--steps", a.steps), ("--ae-steps", a.ae_steps), ("--turn-augment", a.turn_augment),
-                            ("--seed", a.seed)):
-                if v is not None and not a.report_only:
-                    cmd += [flag, str(v)]
+            if not a.report_only:
+                cmd += [str(x) for flag_value in training_flags(a) for x in flag_value]
             log = open(work / f"{c.stem}{a.tag}.log", "w")
             print("run:", " ".join(cmd), flush=True)
             procs.append((c, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
@@ -98,8 +102,7 @@ def page(results: dict[str, dict], a: argparse.Namespace) -> str:
 
     extra = (" --report-only" if a.report_only else "") + \
         (f" --noise-scale {a.noise_scale:g}" if a.noise_scale is not None else "") + (f" --tag {a.tag}" if a.tag else "") + \
-        "".join(f" {f} {v:g}" for f, v in (("--steps", a.steps), ("--ae-steps", a.ae_steps),
-                                            ("--turn-augment", a.turn_augment), ("--seed", a.seed)) if v is not None)
+        "".join(f" {f} {v:g}" for f, v in training_flags(a))
     lines = [f"`python bench/dubbing.py --budget-minutes {a.budget_minutes:g} --jobs {a.jobs} --threads {a.threads}{extra}`: "
              "per clip `python -m talkformer_core.finetune --holdout 0.4 --dubbing` (preset cpu64), trained on frames "
              "[0, 0.6); the template frames [0.8, 1.0) driven by the audio of [0.6, 0.8). Opening = inner-lip gap over "
@@ -171,27 +174,54 @@ def bar(results: dict[str, dict]) -> str:
 # ----------------------------------------------------------------------------------------------
 # --stage1: stage 1 alone
 
-def stage1_scores(shard: Path, steps: int, seed: int = 0) -> dict[str, dict[str, list]]:
-    """{method: {"A": scores, "B": scores}} for one clip; A = audio [0.6, 0.8) on template [0.8, 1),
-    B = the reverse."""
-    import types
-
-    import torch
-
-    from talkformer_core.data.dataset import TalkingFaceDataset
+def protocol_parts(shard: Path):
+    """(hold-out data, its FaceAnalysis, the protocol's DubbingSplit, every frame's true opening)."""
     from talkformer_core.eval import dubbing as D
-    from talkformer_core.face import topology
-    from talkformer_core.config import person_config
     from talkformer_core.finetune.holdout import load_holdout
-    from talkformer_core.finetune.run import mouth_training_data
-    from talkformer_core.models.landmark_completion import LandmarkCompletion
-    from talkformer_core.pipeline import AudioFeatures, LoadedModel, complete_landmarks, landmarks_to_crop
 
     h = load_holdout(shard, HOLDOUT)
     a = h.analysis
     sp = D.split_clip(len(h.crops), a.found, 1 - HOLDOUT, 1 - HOLDOUT / 2)
-    pts = a.track.points131_filled.astype(np.float64)
-    op = D.mouth_opening(pts)
+    return h, a, sp, D.mouth_opening(a.track.points131_filled.astype(np.float64))
+
+
+def stage1_model(cfg, landmark):
+    """A LoadedModel holding only a landmark module: what complete_landmarks needs."""
+    import types
+
+    import torch
+
+    from talkformer_core.pipeline import LoadedModel
+
+    return LoadedModel("talkformer", cfg, types.SimpleNamespace(landmark=landmark), None, torch.device("cpu"),
+                       torch.float32)
+
+
+def fitted_mouth_model(shard: Path):
+    """cpu64's stage 1 with the mouth model fitted on the clip's frames [0, 0.6)."""
+    from talkformer_core.config import person_config
+    from talkformer_core.finetune.run import mouth_training_data
+    from talkformer_core.models.landmark_completion import LandmarkCompletion
+
+    cfg = person_config(64)
+    net = LandmarkCompletion(cfg.model.landmark).eval()
+    net.mouth.fit(*mouth_training_data(shard, (0.0, 1 - HOLDOUT)))
+    return stage1_model(cfg, net)
+
+
+def stage1_scores(shard: Path, steps: int, seed: int = 0) -> dict[str, dict[str, list]]:
+    """{method: {"A": scores, "B": scores}} for one clip; A = audio [0.6, 0.8) on template [0.8, 1),
+    B = the reverse."""
+    import torch
+
+    from talkformer_core.config import person_config
+    from talkformer_core.data.dataset import TalkingFaceDataset
+    from talkformer_core.eval import dubbing as D
+    from talkformer_core.face import topology
+    from talkformer_core.models.landmark_completion import LandmarkCompletion
+    from talkformer_core.pipeline import AudioFeatures, LoadedModel, complete_landmarks, landmarks_to_crop
+
+    h, a, sp, op = protocol_parts(shard)
     dirs = {"A": (sp.audio, sp.template), "B": (sp.template, sp.audio)}
     out: dict[str, dict] = {}
     lm = D.LoudnessModel.fit(D.frame_loudness(h.mels[sp.train]), op[sp.train])
@@ -206,12 +236,7 @@ def stage1_scores(shard: Path, steps: int, seed: int = 0) -> dict[str, dict[str,
             res[k] = D.dubbing_scores(D.mouth_opening(landmarks_to_crop(a, lmb, te, box)), op[au], op[te])
         return res
 
-    cfg = person_config(64)
-    net = LandmarkCompletion(cfg.model.landmark).eval()
-    net.mouth.fit(*mouth_training_data(shard, (0.0, 1 - HOLDOUT)))
-    wrap = lambda c, n: LoadedModel("talkformer", c, types.SimpleNamespace(landmark=n), None,  # noqa: E731
-                                    torch.device("cpu"), torch.float32)
-    out["mouth model (stable box)"] = scores(wrap(cfg, net), "stable")
+    out["mouth model (stable box)"] = scores(fitted_mouth_model(shard), "stable")
     for box in ("per_frame", "stable"):
         c = person_config(64)
         c.model.landmark.mouth_model = False
@@ -232,7 +257,7 @@ def stage1_scores(shard: Path, steps: int, seed: int = 0) -> dict[str, dict[str,
             opt.step()
         tnet.eval()
         pose = a.points_box(np.flatnonzero(a.found), box)[:, list(topology.POSE_POS)]
-        r = scores(wrap(c, tnet), box)
+        r = scores(stage1_model(c, tnet), box)
         r["leak"] = D.linear_leak(pose, op[a.found])
         out[f"transformer, {steps} steps ({box} box)"] = r
     return out
@@ -241,26 +266,12 @@ def stage1_scores(shard: Path, steps: int, seed: int = 0) -> dict[str, dict[str,
 def lag_rows(shard: Path, max_lag: int = 4) -> dict[str, dict[int, float | None]]:
     """The mouth model fitted on frames [0, 0.6): D.lag_correlations of its opening with the truth on
     the training frames, on the held-out frames driven by their own audio, and in the protocol."""
-    import types
-
-    import torch
-
-    from talkformer_core.config import person_config
     from talkformer_core.eval import dubbing as D
     from talkformer_core.face import topology
-    from talkformer_core.finetune.holdout import load_holdout
-    from talkformer_core.finetune.run import mouth_training_data
-    from talkformer_core.models.landmark_completion import LandmarkCompletion
-    from talkformer_core.pipeline import AudioFeatures, LoadedModel, complete_landmarks, landmarks_to_crop
+    from talkformer_core.pipeline import AudioFeatures, complete_landmarks, landmarks_to_crop
 
-    h = load_holdout(shard, HOLDOUT)
-    a = h.analysis
-    sp = D.split_clip(len(h.crops), a.found, 1 - HOLDOUT, 1 - HOLDOUT / 2)
-    op = D.mouth_opening(a.track.points131_filled.astype(np.float64))
-    cfg = person_config(64)
-    net = LandmarkCompletion(cfg.model.landmark).eval()
-    net.mouth.fit(*mouth_training_data(shard, (0.0, 1 - HOLDOUT)))
-    model = LoadedModel("talkformer", cfg, types.SimpleNamespace(landmark=net), None, torch.device("cpu"), torch.float32)
+    h, a, sp, op = protocol_parts(shard)
+    model = fitted_mouth_model(shard)
     refs = a.points_box(sp.train[topology.pick_spread(a.openness[sp.train], model.num_references)], "stable")
     held = np.concatenate([sp.audio, sp.template])
     out = {}

@@ -379,23 +379,22 @@ def test_shift_columns_moves_latents_by_whole_cells():
     assert torch.equal(same, z) and v0.all()
 
 
-def test_shift_augment_moves_latents_context_and_landmarks_together(shards, ae_file):
-    """TrainConfig.shift_augment: per window one whole-cell shift k; the U-Net sees the context
-    shifted by k cells and every landmark's x moved by k / w (the same crop-frame distance), the
-    window's L frames share k, and k spans [-K, K] over draws."""
+def _spied_step(shards, ae_file, **train):
+    """A tiny w/o-End2End TalkFormerStep with ``train`` set on its TrainConfig, a batch of 4 windows,
+    and the dict its U-Net's inputs land in (z_t, lms) on each call."""
     from talkformer_core.data.dataset import TalkingFaceDataset
     from talkformer_core.models.checkpoint import load_model_state, read_checkpoint
     from talkformer_core.models.model import TalkFormer
-    from talkformer_core.train.steps import TalkFormerStep, shift_columns
+    from talkformer_core.train.steps import TalkFormerStep
 
     cfg = tiny_config(end_to_end=False)
-    cfg.train.shift_augment = 1
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
     torch.manual_seed(0)
     model = TalkFormer(cfg).eval()
     load_model_state(model.autoencoder, read_checkpoint(ae_file)[0], "autoencoder")
     ds = TalkingFaceDataset(shards, cfg)
     batch = torch.utils.data.default_collate([ds[i] for i in (0, 3, 9, 12)])
-    B, L = batch["crops"].shape[:2]
     seen = {}
     unet_forward = model.unet.forward
 
@@ -404,9 +403,19 @@ def test_shift_augment_moves_latents_context_and_landmarks_together(shards, ae_f
         return unet_forward(z_t, t, lms, ref, num_frames=num_frames)
 
     model.unet.forward = spy
-    step = TalkFormerStep(model, cfg)
+    return TalkFormerStep(model, cfg), batch, seen
+
+
+def test_shift_augment_moves_latents_context_and_landmarks_together(shards, ae_file):
+    """TrainConfig.shift_augment: per window one whole-cell shift k; the U-Net sees the context
+    shifted by k cells and every landmark's x moved by k / w (the same crop-frame distance), the
+    window's L frames share k, and k spans [-K, K] over draws."""
+    from talkformer_core.train.steps import shift_columns
+
+    step, batch, seen = _spied_step(shards, ae_file, shift_augment=1)
+    B, L = batch["crops"].shape[:2]
     with torch.no_grad():
-        ctx = model.encode(batch["masked"].flatten(0, 1))  # (B*L, C, h, w)
+        ctx = step.model.encode(batch["masked"].flatten(0, 1))  # (B*L, C, h, w)
     lm = batch["target_crop"].flatten(0, 1)  # (B*L, 131, 2)
     w = ctx.shape[-1]
     shifts = set()
@@ -462,29 +471,14 @@ def test_turn_lower_face_moves_pixels_and_landmarks_alike():
 def test_turn_augment_turns_each_window_and_its_landmarks_together(shards, ae_file):
     """TrainConfig.turn_augment: per window one level; the U-Net sees every landmark moved by
     level * ramp(y) and its context unchanged; over draws the levels span both directions."""
-    from talkformer_core.data.dataset import TalkingFaceDataset
-    from talkformer_core.models.checkpoint import load_model_state, read_checkpoint
-    from talkformer_core.models.model import TalkFormer
     from talkformer_core.train.augment import ramp
-    from talkformer_core.train.steps import TalkFormerStep
 
-    cfg = tiny_config(end_to_end=False)
-    cfg.train.turn_augment = 0.1
-    torch.manual_seed(0)
-    model = TalkFormer(cfg).eval()
-    load_model_state(model.autoencoder, read_checkpoint(ae_file)[0], "autoencoder")
-    ds = TalkingFaceDataset(shards, cfg)
-    batch = torch.utils.data.default_collate([ds[i] for i in (0, 3, 9, 12)])
+    step, batch, seen = _spied_step(shards, ae_file, turn_augment=0.1)
     B, L = batch["crops"].shape[:2]
-    seen = {}
-    unet_forward = model.unet.forward
-
-    def spy(z_t, t, lms, ref, num_frames):
-        seen.update(lms=lms.detach())
-        return unet_forward(z_t, t, lms, ref, num_frames=num_frames)
-
-    model.unet.forward = spy
-    step = TalkFormerStep(model, cfg)
+    S = step.cfg.model.image_size
+    with torch.no_grad():
+        ctx = step.model.encode(batch["masked"].flatten(0, 1))  # (B*L, C, h, w)
+    h = ctx.shape[2]
     lm = batch["target_crop"].flatten(0, 1)  # (B*L, 131, 2)
     r = ramp(lm[..., 1])
     top = r.argmax(1)  # per frame the point lowest on the ramp
@@ -498,8 +492,9 @@ def test_turn_augment_turns_each_window_and_its_landmarks_together(shards, ae_fi
         s = dx[rows, top] / r[rows, top]  # (B*L,) the level
         assert torch.allclose(dx, s[:, None] * r, atol=1e-6)  # level * ramp(y), upper face still
         assert torch.allclose(seen["lms"][..., 1], lm[..., 1])
-        px = torch.round(s * cfg.model.image_size)
-        assert torch.allclose(s * cfg.model.image_size, px, atol=1e-4)  # whole pixels at the lips
+        assert torch.allclose(seen["z_t"][:, :, : h // 2], ctx[:, :, : h // 2], atol=1e-5)  # context unturned
+        px = torch.round(s * S)
+        assert torch.allclose(s * S, px, atol=1e-4)  # whole pixels at the lips
         assert (px.view(B, L) == px.view(B, L)[:, :1]).all()  # one level per window
         levels.update(px.tolist())
     assert min(levels) < 0 < max(levels)
