@@ -173,6 +173,13 @@ class TrainConfig:
     # for one-clip training: held-out template heads turn beyond the training frames', and there the
     # renderer drew closed landmarks half-open (docs/dubbing.md).
     turn_augment: float = 0.0
+    # Stage talkformer: the known context E(masked face) of each training window gets Gaussian noise
+    # of a std drawn uniformly in [0, context_noise] (latent units; the latents are scaled to about
+    # unit std); sampling keeps the context clean. 0 = off. Our addition for one-clip training: the
+    # renderer memorises seconds of one face, so an unseen template's upper face is a context it has
+    # never seen; a blurred view of it in training makes the mouth lean on the landmarks instead
+    # (conditioning augmentation as in cascaded diffusion, Ho et al. 2021; docs/dubbing.md).
+    context_noise: float = 0.0
     # Stage talkformer: eq. 1's squared error weighted mouth_loss_weight on the latent cells around
     # the target frame's lips (their box, one cell of margin), 1 elsewhere; 1 = eq. 1 as written.
     # Our addition for one-clip training: the mouth moves in a fraction of the lower half's cells

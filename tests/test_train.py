@@ -500,6 +500,38 @@ def test_turn_augment_turns_each_window_and_its_landmarks_together(shards, ae_fi
     assert min(levels) < 0 < max(levels)
 
 
+def test_context_noise_noises_each_windows_context_alone(shards, ae_file):
+    """TrainConfig.context_noise: the U-Net's known context is E(masked crop) plus noise whose std is
+    one draw in [0, scale] per window (its frames share it); the noised lower half, the landmarks and
+    the target are untouched; off, a step's inputs are those of a config without the option."""
+    scale = 0.8
+    step, batch, seen = _spied_step(shards, ae_file, context_noise=scale)
+    B, L = batch["crops"].shape[:2]
+    with torch.no_grad():
+        ctx = step.model.encode(batch["masked"].flatten(0, 1))  # (B*L, C, h, w)
+    h = ctx.shape[2]
+    stds = []
+    for seed in range(6):
+        with torch.no_grad():
+            step.losses(batch, torch.Generator().manual_seed(seed))
+        d = (seen["z_t"] - ctx)[:, :, : h // 2]  # the context's added noise
+        std = d.flatten(1).std(1).view(B, L)  # per frame
+        assert (std > 0).all() and (std < scale * 1.3).all()
+        assert torch.allclose(std, std[:, :1].expand(B, L), rtol=0.35)  # one level per window
+        assert torch.allclose(seen["lms"], batch["target_crop"].flatten(0, 1))
+        stds += std[:, 0].tolist()
+    assert max(stds) > 0.4 * scale and min(stds) < 0.6 * scale  # the level is drawn, not fixed
+    # off: the same inputs as a step without the option (its random stream unchanged)
+    outs = []
+    for kw in ({}, {"context_noise": 0.0}):
+        off, batch_off, seen_off = _spied_step(shards, ae_file, **kw)
+        with torch.no_grad():
+            loss = off.losses(batch_off, torch.Generator().manual_seed(5))["ldm"]
+        outs.append((seen_off["z_t"], float(loss)))
+        assert torch.allclose(seen_off["z_t"][:, :, : h // 2], ctx[:, :, : h // 2], atol=1e-5)
+    assert torch.equal(outs[0][0], outs[1][0]) and outs[0][1] == outs[1][1]
+
+
 def test_interrupt_inside_a_step_saves_nothing_of_it(shards, ae_file, tmp_path, monkeypatch):
     """Ctrl-C inside step 4 (after the landmark module's forward updated its BatchNorm statistics
     and drew dropout masks): the saved state is exactly the 3-step state, buffers included, and

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--turn-augment", type=float, default=None,
                     help="the lower face sheared sideways against the upper face by up to this fraction of the crop "
                          "width while training (a head turn; 0 = off; default: the preset's)")
+    ap.add_argument("--context-noise", type=float, default=None,
+                    help="Gaussian noise of std up to this (latent units) on the known upper-face context while "
+                         "training (0 = off; default: the preset's)")
     ap.add_argument("--bf16", action="store_true",
                     help="bf16 autocast (on by itself with the gpu presets on CUDA; on a CPU only when asked)")
     ap.add_argument("--eval-every", type=int, default=250, help="steps between the printed held-out metrics (0: off)")
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                        ae_steps=a.ae_steps,
                        crop_size=a.crop_size, lr=a.lr, batch_size=a.batch_size, bf16=a.bf16, seed=a.seed,
                        eval_every=a.eval_every, sampler_steps=a.sampler_steps, noise_scale=a.noise_scale,
-                       dubbing=a.dubbing, threads=a.threads, turn_augment=a.turn_augment)
+                       dubbing=a.dubbing, threads=a.threads, turn_augment=a.turn_augment,
+                       context_noise=a.context_noise)
         if a.report_json:
             Path(a.report_json).write_text(json.dumps({"checkpoint": str(res.checkpoint), "minutes": res.minutes,
                                                        "steps": res.steps, "report": res.report,

@@ -39,6 +39,7 @@ from .presets import PRESETS, finetune_config
 REPORT_RESERVE_MIN = 1.5  # minutes kept for the hold-out report (sampling + mediapipe)
 MAX_HOLDOUT = 0.5
 MAX_TURN_AUGMENT = 0.25  # a quarter of the crop: beyond it the "turn" tears the lower face off the upper
+MAX_CONTEXT_NOISE = 4.0  # latent units (the latents have about unit std): beyond it the context is noise alone
 
 
 @dataclass
@@ -57,7 +58,8 @@ ProgressFn = Callable[[str, int, int, dict[str, Any]], None]  # (stage, step, to
 def validate_inputs(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes: float, holdout: float,
                     vae: str | os.PathLike | None, init_landmarks: str | os.PathLike | None,
                     steps: int | None, preset: str, ae_steps: int | None = None, dubbing: bool = False,
-                    noise_scale: float | None = None, turn_augment: float | None = None) -> None:
+                    noise_scale: float | None = None, turn_augment: float | None = None,
+                    context_noise: float | None = None) -> None:
     """Every bad argument, before any long work (clear errors naming the file)."""
     from ..video import probe_video
 
@@ -82,6 +84,9 @@ def validate_inputs(video: str | os.PathLike, out: str | os.PathLike, *, budget_
     if turn_augment is not None and not 0.0 <= turn_augment <= MAX_TURN_AUGMENT:
         raise InputError(f"--turn-augment {turn_augment}: expected a fraction of the crop width in "
                          f"[0, {MAX_TURN_AUGMENT}] (0 = off)")
+    if context_noise is not None and not 0.0 <= context_noise <= MAX_CONTEXT_NOISE:
+        raise InputError(f"--context-noise {context_noise}: expected a noise std in latent units in "
+                         f"[0, {MAX_CONTEXT_NOISE}] (0 = off)")
     from ..sampling import check_noise_scale
 
     check_noise_scale(noise_scale)  # used only by the report after training: checked now
@@ -147,7 +152,8 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
              steps: int | None = None, ae_steps: int | None = None, crop_size: int | None = None, lr: float | None = None,
              batch_size: int | None = None, bf16: bool = False, seed: int = 0, eval_every: int = 250,
              sampler: str = "ddim", sampler_steps: int = 25, noise_scale: float | None = None, threads: int | None = None,
-             dubbing: bool = False, turn_augment: float | None = None, progress: ProgressFn | None = None, tqdm_bar: bool = True,
+             dubbing: bool = False, turn_augment: float | None = None,
+             context_noise: float | None = None, progress: ProgressFn | None = None, tqdm_bar: bool = True,
              print_fn: Callable[[str], None] | None = print) -> FinetuneResult:
     """Train a person-specific TalkFormer on one clip (see the module doc). Returns the result.
 
@@ -166,7 +172,7 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
     video, out = Path(video), Path(out)
     validate_inputs(video, out, budget_minutes=budget_minutes, holdout=holdout, vae=vae,
                     init_landmarks=init_landmarks, steps=steps, preset=preset, ae_steps=ae_steps, dubbing=dubbing,
-                    noise_scale=noise_scale, turn_augment=turn_augment)
+                    noise_scale=noise_scale, turn_augment=turn_augment, context_noise=context_noise)
     if ae_steps is None:
         ae_steps = steps
     if threads:
@@ -184,6 +190,8 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
         cfg.train.batch_size = int(batch_size)
     if turn_augment is not None:
         cfg.train.turn_augment = float(turn_augment)
+    if context_noise is not None:
+        cfg.train.context_noise = float(context_noise)
     def say(msg: str) -> None:
         if print_fn is print:  # above the tqdm bars, not glued to them
             from tqdm import tqdm

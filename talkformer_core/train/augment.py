@@ -1,5 +1,7 @@
-"""The turn augmentation of stage talkformer (TrainConfig.turn_augment): the lower face moved sideways
-against the upper face, as a head turn moves the mouth and chin against the eyes.
+"""Augmentations of stage talkformer for one-clip training (docs/dubbing.md).
+
+The turn augmentation (TrainConfig.turn_augment): the lower face moved sideways against the upper
+face, as a head turn moves the mouth and chin against the eyes.
 
 A person model trains on seconds of one clip, and the template frames a user dubs may point the head
 where no training frame did: held out, face_5's mouth sits 2.4 px (at 64 px) beyond every training
@@ -13,6 +15,11 @@ blank, is unchanged) rising linearly to 1 at y = 0.65 (the lips' centre sits at 
 three real clips' crops) and 1 below, so lips, jaw and chin move together. The landmarks move with
 the same ramp. The shifts are whole pixels of the crop at the lips, a few levels at most, so the
 frozen autoencoder's latents of every level can be cached once (``LatentCache``).
+
+The context noise (TrainConfig.context_noise): the known context latent of each window plus
+Gaussian noise of a std drawn per window in [0, context_noise]. Sampling keeps the context clean:
+training on blurred views of the few contexts it has keeps the renderer from keying the mouth on
+the exact upper face (it memorises seconds of one face) and pushes it onto the landmarks.
 """
 from __future__ import annotations
 
@@ -63,4 +70,15 @@ def turn_landmarks(points: Tensor, s: Tensor) -> Tensor:
     return torch.stack([points[..., 0] + dx, points[..., 1]], -1)
 
 
-__all__ = ["RAMP", "MAX_LEVELS", "turn_levels", "ramp", "turn_lower_face", "turn_landmarks"]
+def noise_context(ctx: Tensor, scale: float, num_frames: int, generator: torch.Generator) -> Tensor:
+    """Context latents (B*L, C, h, w), windows of ``num_frames`` = L frames -> ctx + sigma * eps with one
+    sigma ~ U(0, scale) per window (its frames share it, as they share a diffusion time) and eps ~ N(0, I)
+    per cell, both from ``generator``."""
+    n = ctx.shape[0] // num_frames
+    sigma = torch.rand((n,), generator=generator, device=generator.device) * float(scale)  # (B,)
+    eps = torch.randn(ctx.shape, generator=generator, device=generator.device)  # (B*L, C, h, w)
+    sigma = sigma.repeat_interleave(num_frames).to(ctx.device, ctx.dtype)[:, None, None, None]
+    return ctx + sigma * eps.to(ctx.device, ctx.dtype)
+
+
+__all__ = ["RAMP", "MAX_LEVELS", "turn_levels", "ramp", "turn_lower_face", "turn_landmarks", "noise_context"]

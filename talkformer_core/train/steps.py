@@ -1,5 +1,6 @@
 """One micro-batch of each stage's loss (the modules DDP wraps) and the pieces only they use:
-the sideways latent shift, the mouth weighting of eq. 1, gradient checkpointing.
+the sideways latent shift, the mouth weighting of eq. 1, gradient checkpointing (the turn and
+context-noise augmentations live in ``augment``).
 
 Stage ``talkformer`` (paper eq. 6, docs/architecture.md "The U-Net contract"):
     L_total = L_ldm + lambda * L1,  lambda = cfg.train.landmark_loss_weight (10)
@@ -99,7 +100,7 @@ class TalkFormerStep(nn.Module):
         """{"loss": L_ldm + lambda * L1, "ldm": L_ldm, "l1": L1}, all with their graphs."""
         from ..diffusion import ldm_loss
         from ..face.topology import CONTENT_POS, box_to_crop
-        from .augment import turn_landmarks, turn_lower_face
+        from .augment import noise_context, turn_landmarks, turn_lower_face
 
         m, tc = self.model, self.cfg.train
         crops, masked = batch["crops"], batch["masked"]  # (B, L, 3, S, S)
@@ -144,6 +145,8 @@ class TalkFormerStep(nn.Module):
             z0, valid = shift_columns(z0, k)
             ctx, _ = shift_columns(ctx, k)
             lms = lms + torch.stack([k.to(lms.dtype) / z0.shape[-1], torch.zeros_like(k, dtype=lms.dtype)], -1)[:, None]
+        if tc.context_noise > 0:  # drawn only when on: runs without it keep their random stream
+            ctx = noise_context(ctx, tc.context_noise, L, generator)
 
         def model_fn(z_t: Tensor, tt: Tensor) -> Tensor:
             return m.unet(z_t, tt, lms, ref, num_frames=L)
