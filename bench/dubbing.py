@@ -1,7 +1,7 @@
 """The dubbing protocol on the real clips (docs/dubbing.md): does the mouth follow new audio?
 
     python bench/dubbing.py [--budget-minutes 30] [--jobs 3] [--threads 1] [--clips A.mp4 ...]
-                            [--steps N --ae-steps M] [--turn-augment F] [--context-noise F] [--seed K]
+                            [--steps N --ae-steps M] [--turn-augment F] [--context-noise F] [--yaw-augment F] [--seed K]
                             [--work /tmp/talkformer_dubbing] [--out docs/dubbing.md] [--reuse]
                             [--report-only [--noise-scale S] [--tag T]]
     python bench/dubbing.py --stage1 [--transformer-steps 1500] [--threads 1]
@@ -52,7 +52,7 @@ HOLDOUT = 0.4
 def training_flags(a: argparse.Namespace) -> list[tuple[str, float]]:
     """The finetune options this bench passes through, those given: (flag, value)."""
     given = (("--steps", a.steps), ("--ae-steps", a.ae_steps), ("--turn-augment", a.turn_augment),
-             ("--context-noise", a.context_noise), ("--seed", a.seed))
+             ("--context-noise", a.context_noise), ("--yaw-augment", a.yaw_augment), ("--seed", a.seed))
     return [(f, v) for f, v in given if v is not None]
 
 
@@ -70,6 +70,8 @@ def run_clips(clips: list[Path], work: Path, a: argparse.Namespace) -> dict[str,
                 cmd += ["--report-only"]
             if a.noise_scale is not None:
                 cmd += ["--noise-scale", str(a.noise_scale)]
+            if a.decode_refine is not None:
+                cmd += ["--decode-refine", str(a.decode_refine)]
             if a.threads:
                 cmd += ["--threads", str(a.threads)]
             if not a.report_only:
@@ -327,11 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse", action="store_true", help="rebuild the page from the JSON reports in --work")
     ap.add_argument("--report-only", action="store_true", help="score the checkpoints already in --work again")
     ap.add_argument("--noise-scale", type=float, default=None, help="x_T scale of the reports (default: the model's)")
+    ap.add_argument("--decode-refine", type=int, default=None,
+                    help="decode passes of the reports (default: the model's)")
     ap.add_argument("--tag", default="", help="suffix of the JSON reports' names (CLIP{tag}.json)")
     ap.add_argument("--steps", type=int, default=None, help="finetune --steps (fixed TalkFormer steps)")
     ap.add_argument("--ae-steps", type=int, default=None, help="finetune --ae-steps")
     ap.add_argument("--turn-augment", type=float, default=None, help="finetune --turn-augment (default: the preset's)")
     ap.add_argument("--context-noise", type=float, default=None, help="finetune --context-noise (default: the preset's)")
+    ap.add_argument("--yaw-augment", type=float, default=None, help="finetune --yaw-augment (default: the preset's)")
     ap.add_argument("--seed", type=int, default=None, help="finetune --seed (default 0)")
     ap.add_argument("--stage1", action="store_true", help="stage 1 alone (minutes), see the module doc")
     ap.add_argument("--transformer-steps", type=int, default=1500)

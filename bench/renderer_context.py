@@ -16,6 +16,8 @@ length, ``talkformer_core.eval.dubbing``; the generated lower face pasted into t
   a similarity fitted on the eyes, brows and nose (the pose points taken from the closed frame);
 - ``unseen closed, placed``: as ``template, placed`` on the unseen closed frames (context closed,
   landmarks placed like the template's).
+- ``train open, placed``: as ``template, placed`` on the person's most open training frames (a
+  context the renderer trained on, whose mouth was open there).
 
 Against the real crops' readings of the same frames, these say whether a closed mouth needs a
 context the renderer trained on, a closed context, or closed pose points (docs/dubbing.md).
@@ -104,6 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
         "template, placed": (tmpl, placed(tmpl, np.arange(n))),
         "template, aligned": (tmpl, aligned(h.points_crop[closed].astype(np.float64), h.points_crop[tmpl])),
     }
+    wide = tr[np.argsort(true_open[tr])[::-1][:n]]
+    cells["train open, placed"] = (wide, placed(wide, np.arange(n)))
     if len(unseen):
         src = np.resize(np.arange(n), len(unseen))
         cells["unseen closed, own"] = (unseen, h.points_crop[unseen])

@@ -112,6 +112,11 @@ class DiffusionConfig:
     # their landmarks at 0.91 / 0.86 / 0.91 against 0.86 / 0.84 / 0.88 and stay more closed in
     # silence (docs/dubbing.md, "The starting noise")
     noise_scale: float = 1.0
+    # decoding: the generated lower half is decoded under the upper half of E(crop) (sampling.
+    # decode_faces); that upper half's rows near the middle see the template's own mouth through the
+    # encoder's receptive field, and the decoder draws it back. decode_refine = k re-encodes the crop
+    # with its lower half replaced by the decoded one, k times, before the final decode; 0 = once.
+    decode_refine: int = 0
 
 
 @dataclass
@@ -173,6 +178,14 @@ class TrainConfig:
     # for one-clip training: held-out template heads turn beyond the training frames', and there the
     # renderer drew closed landmarks half-open (docs/dubbing.md).
     turn_augment: float = 0.0
+    # Stage talkformer: each training window's inner face (eyes, nose, mouth) is moved sideways against
+    # the face's outline by a whole number of pixels (at the crop's centre) up to yaw_augment * the
+    # crop width either way, context and target alike, the landmarks with it (train.augment: what
+    # turning the head does). 0 = off; not together with turn_augment. Our addition for one-clip
+    # training: held-out templates turn the head beyond every training frame, and there the renderer
+    # drew closed landmarks half-open while it drew them closed on unseen frames that did not turn
+    # (docs/dubbing.md).
+    yaw_augment: float = 0.0
     # Stage talkformer: the known context E(masked face) of each training window gets Gaussian noise
     # of a std drawn uniformly in [0, context_noise] (latent units; the latents are scaled to about
     # unit std); sampling keeps the context clean. 0 = off. Our addition for one-clip training: the
@@ -329,9 +342,11 @@ def person_config(crop_size: int = 64, *, full_landmarks: bool = False, vae: boo
     return TalkFormerConfig(
         name=f"person{crop_size}",
         # anchor_mouth_x: audio-driven lips placed sideways where the template frame's lips are (ModelConfig);
-        # starting noise scaled by 0.5 at sampling (DiffusionConfig.noise_scale)
+        # starting noise scaled by 0.5 at sampling (DiffusionConfig.noise_scale); the decode re-encodes
+        # the template with the generated lower face twice (DiffusionConfig.decode_refine: on face_5 the
+        # faces on new audio 0.49 -> 0.59, silence 0.152 -> 0.123, self-reconstruction PSNR the same)
         model=ModelConfig(image_size=crop_size, autoencoder=ae, landmark=lm, unet=unet, anchor_mouth_x=True,
-                          diffusion=DiffusionConfig(noise_scale=0.5)),
+                          diffusion=DiffusionConfig(noise_scale=0.5, decode_refine=2)),
         # end_to_end off: within a CPU budget (a few hundred steps) the completion module's predictions
         # stay poor (box-frame L1 ~0.14 after 400 steps), and a U-Net fed them learns to ignore
         # M-Align; fed the detected landmarks it learns to follow them (measured: docs/finetune.md).

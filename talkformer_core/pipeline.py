@@ -314,18 +314,12 @@ def _iplap_frame_renderer() -> Any:
 _FRAME_RENDERERS: dict[str, Callable[[], Any]] = {"iplap": _iplap_frame_renderer}
 
 
-def _decode(model: LoadedModel, z: torch.Tensor) -> np.ndarray:
-    from .sampling import decode_latents
-
-    return decode_latents(model, z)
-
-
 @torch.no_grad()
 def sample_faces(model: LoadedModel, crops: np.ndarray, landmarks_crop: np.ndarray, reference: Any,
                  steps: int = 25, sampler: str = "ddim", seed: int = 0, eta: float = 0.0,
                  callback: Callable[[int, int], None] | None = None, noise: torch.Tensor | None = None,
                  batch_size: int | None = None, motion: torch.Tensor | None = None, noise_scale: float | None = None,
-                 **chains: Any) -> np.ndarray:
+                 decode_refine: int | None = None, **chains: Any) -> np.ndarray:
     """Generate the lower face of each crop. crops (B, S, S, 3) uint8 (the template's face crops),
     landmarks_crop (B, 131, 2) target landmarks in the crop frame, reference: ``encode_reference``'s
     cache -> (B, S, S, 3) uint8 generated crops (upper half: the autoencoder's reconstruction).
@@ -333,12 +327,14 @@ def sample_faces(model: LoadedModel, crops: np.ndarray, landmarks_crop: np.ndarr
     The upper latent half is E(masked crop)[:h/2], fixed by the sampler at every step (the U-Net contract).
     ``noise`` (1, C, h, w): the shared x_T (default: drawn from ``seed`` and scaled by ``noise_scale``,
     default the model's; every frame gets the same, so identical inputs give identical faces). ``callback(step, num_steps)`` runs after every
-    sampler step; raise from it to stop. ``batch_size`` splits B (default: all at once). With
+    sampler step; raise from it to stop. ``batch_size`` splits B (default: all at once).
+    ``decode_refine``: re-encoding passes of the decode (sampling.decode_faces; None = the model's). With
     temporal attention: ``motion`` the first clip's motion frames, ``chains`` (segment, overlap,
     crossfade) the parallel chains (sampling.FaceSampler, the one batch loop this calls).
     """
     fs = FaceSampler(model, reference, steps=steps, sampler=sampler, seed=seed, eta=eta, noise=noise,
-                     noise_scale=noise_scale, batch_size=batch_size, step_callback=callback, **chains)
+                     noise_scale=noise_scale, batch_size=batch_size, step_callback=callback,
+                     decode_refine=decode_refine, **chains)
     fs.motion = motion
     return fs(crops, landmarks_crop)
 
@@ -372,6 +368,7 @@ class SyncOptions:
     eta: float = 0.0
     seed: int = 0
     noise_scale: float | None = None  # x_T's scale; None = the model's (DiffusionConfig.noise_scale)
+    decode_refine: int | None = None  # re-encoding passes of the decode; None = the model's (DiffusionConfig.decode_refine)
     reference_frame: int | None = None  # template frame (25 fps) for the R-Align reference; None = auto
     face_index: int | None = None  # None = largest face
     length_mode: str = "pingpong"  # pingpong | loop | trim
@@ -564,6 +561,8 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
     if int(opt.steps) < 1:
         raise InputError(f"steps {opt.steps}: expected >= 1")
     check_noise_scale(opt.noise_scale)
+    if opt.decode_refine is not None and int(opt.decode_refine) < 0:
+        raise InputError(f"decode refine {opt.decode_refine}: expected >= 0 passes")
     if (opt.batch_size is not None and opt.batch_size < 1) or (opt.chunk_size is not None and opt.chunk_size < 1):
         raise InputError(f"batch_size and chunk_size must be >= 1, got {opt.batch_size}, {opt.chunk_size}")
     if out_path.suffix.lower() not in ("", ".mp4", ".m4v", ".mov", ".mkv"):
@@ -631,7 +630,7 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
         bs = opt.batch_size or auto_batch_size(model)
         face_sampler = FaceSampler(model, reference, steps=int(opt.steps), sampler=opt.sampler, seed=opt.seed,
                                    eta=float(opt.eta), noise_scale=opt.noise_scale, batch_size=bs,
-                                   step_callback=lambda i, n: step_cb(i, n))
+                                   step_callback=lambda i, n: step_cb(i, n), decode_refine=opt.decode_refine)
     else:  # whole-frame renderer (IP-LAP): reads its reference frames once, here
         render_frames = frame_renderer(model, analysis, aud, plan,
                                        lambda t: _read_template(video, image, int(t), 1)[0], opt)

@@ -90,6 +90,39 @@ def decode_latents(model: LoadedModel, z: torch.Tensor) -> np.ndarray:
         return tensor_to_crops(model.model.decode(_in(model, z)))
 
 
+def decode_refine_of(model: LoadedModel, refine: int | None = None) -> int:
+    """The re-encoding passes a decode makes: ``refine`` if given, else the checkpoint's
+    (DiffusionConfig.decode_refine; 0 for models without it)."""
+    if refine is not None:
+        if int(refine) < 0:
+            raise InputError(f"decode refine {refine}: expected >= 0 passes")
+        return int(refine)
+    cfg = getattr(model, "config", None)
+    return int(getattr(cfg.model.diffusion, "decode_refine", 0)) if cfg is not None else 0
+
+
+@torch.no_grad()
+def decode_faces(model: LoadedModel, z: torch.Tensor, crops: np.ndarray, refine: int = 0) -> np.ndarray:
+    """Generated latents (B, C, h, w) (lower half generated, upper half E(crop)[:h/2], see
+    ``sample_latents``) of the template crops (B, S, S, 3) uint8 -> faces (B, S, S, 3) uint8.
+
+    E(crop)'s upper rows near the middle see the template's own mouth through the encoder's receptive
+    field, and the decoder draws it back into the lower face: on face_5 a closed lower latent decoded
+    under an open frame's upper half reads 0.070 where under its own it reads 0.036 (docs/dubbing.md).
+    Each of ``refine`` passes re-encodes the crop with its lower half (rows [S/2:]) replaced by the
+    decoded one and decodes the generated lower half under that upper half instead."""
+    faces = decode_latents(model, z)
+    h, S = z.shape[2] // 2, crops.shape[1]
+    for _ in range(int(refine)):
+        comp = np.array(crops, copy=True)
+        comp[:, S // 2:] = faces[:, S // 2:]
+        with _net_ctx(model):
+            upper = model.model.encode(_in(model, crops_to_tensor(comp, model.device))).float()
+        z = torch.cat([upper[:, :, :h], z[:, :, h:]], 2)
+        faces = decode_latents(model, z)
+    return faces
+
+
 def _fmt(model: LoadedModel, x: torch.Tensor) -> torch.Tensor:
     """x in channels_last when the model runs so (LoadedModel.channels_last), else untouched: the
     CPU path's convolutions see exactly the strides they always saw (its numbers stay bit-equal)."""
@@ -418,7 +451,7 @@ class FaceSampler:
                  seed: int = 0, eta: float = 0.0, noise: torch.Tensor | None = None, noise_scale: float | None = None,
                  batch_size: int | None = None, segment: int | None = None, overlap: int | None = None,
                  crossfade: bool = False, step_callback: StepCallback | None = None,
-                 speed: SpeedOptions | None = None):
+                 speed: SpeedOptions | None = None, decode_refine: int | None = None):
         from .diffusion import get_sampler
 
         get_sampler(sampler)  # unknown names fail here
@@ -430,6 +463,7 @@ class FaceSampler:
         self.steps, self.sampler, self.eta = int(steps), sampler, float(eta)
         self.seed = int(seed)
         self.noise = initial_noise(model, seed, noise_scale) if noise is None else noise
+        self.decode_refine = decode_refine_of(model, decode_refine) if model.kind == "talkformer" else 0
         self.generator = torch.Generator(device=model.device).manual_seed(self.seed) if eta > 0 else None
         self.batch_size = None if batch_size is None else int(batch_size)
         self.temporal = model.kind == "talkformer" and bool(model.config.model.temporal_attention)
@@ -532,7 +566,7 @@ class FaceSampler:
         if self.temporal:
             z = self.latents(crops, landmarks_crop)
             for b0 in range(0, T, bs):
-                out.append(decode_latents(model, z[b0:b0 + bs]))
+                out.append(decode_faces(model, z[b0:b0 + bs], crops[b0:b0 + bs], self.decode_refine))
                 if on_faces is not None:
                     on_faces(b0, out[-1])
             return np.concatenate(out)
@@ -540,7 +574,7 @@ class FaceSampler:
         for b0 in range(0, T, bs):
             z, _ = render(model, crops[b0:b0 + bs], landmarks_crop[b0:b0 + bs], self.reference, self.steps,
                           self.sampler, self.noise, self.eta, self.step_callback, self.generator, None)
-            out.append(decode_latents(model, z))
+            out.append(decode_faces(model, z, crops[b0:b0 + bs], self.decode_refine))
             if on_faces is not None:
                 on_faces(b0, out[-1])
         return np.concatenate(out)

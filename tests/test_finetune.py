@@ -64,6 +64,9 @@ def test_cli_rejects_bad_inputs_with_clear_errors(videos, tmp_path, capsys):
         (["--video", str(d / "talk.mp4"), "--out", out, "--turn-augment", "-0.1"], "--turn-augment -0.1"),
         (["--video", str(d / "talk.mp4"), "--out", out, "--context-noise", "-1"], "--context-noise -1"),
         (["--video", str(d / "talk.mp4"), "--out", out, "--context-noise", "9"], "--context-noise 9"),
+        (["--video", str(d / "talk.mp4"), "--out", out, "--yaw-augment", "0.2"], "--yaw-augment 0.2"),
+        (["--video", str(d / "talk.mp4"), "--out", out, "--yaw-augment", "0.05", "--turn-augment", "0.05"],
+         "give one of them"),
     ]
     for argv, needle in cases:
         rc, err = _cli(argv, capsys)

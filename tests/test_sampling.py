@@ -13,6 +13,7 @@ from talkformer_core import pipeline as P
 from talkformer_core import sampling as S
 from talkformer_core.config import tiny
 from talkformer_core.diffusion import NoiseSchedule, get_sampler
+from talkformer_core.errors import InputError
 from talkformer_core.models.model import TalkFormer
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -421,3 +422,33 @@ if __name__ == "__main__":
 
     if sys.argv[1:] == ["--record"]:
         np.savez_compressed(FIXTURES / "stage2_outputs.npz", **recorded_outputs())
+
+
+def test_decode_refine_takes_the_template_mouth_out_of_the_decode():
+    """sampling.decode_faces: 0 passes is the plain decode; each pass re-encodes the crop with its
+    lower half replaced by the decoded one. Two templates with the same upper half and different
+    lower halves, decoded with the same generated lower latent, differ because E(crop)'s upper rows
+    see the lower half (the encoder's receptive field); after passes they differ less. The model's
+    DiffusionConfig.decode_refine is the default; a negative count is refused."""
+    model = loaded(False)
+    tf = model.model
+    rng = np.random.default_rng(3)
+    crops = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    crops[1, :16] = crops[0, :16]  # same upper half, other lower half
+    with torch.no_grad():
+        up = tf.encode(P.crops_to_tensor(crops, model.device)).float()
+        h = up.shape[2] // 2
+        low = torch.randn(1, *up.shape[1:], generator=torch.Generator().manual_seed(0)).expand(2, -1, -1, -1)
+        z = torch.cat([up[:, :, :h], low[:, :, h:]], 2)
+    assert np.array_equal(S.decode_faces(model, z, crops, 0), S.decode_latents(model, z))
+    gaps = []
+    for k in range(3):
+        f = S.decode_faces(model, z, crops, k).astype(np.float64)
+        gaps.append(np.abs(f[0, 16:] - f[1, 16:]).mean())  # the two templates' lower faces apart
+    assert gaps[0] > 1.0 and gaps[1] < 0.5 * gaps[0] and gaps[2] < gaps[1], gaps
+    assert S.decode_refine_of(model) == 0
+    model.config.model.diffusion.decode_refine = 2
+    assert S.decode_refine_of(model) == 2 and S.decode_refine_of(model, 1) == 1
+    assert S.FaceSampler(model, None).decode_refine == 2
+    with pytest.raises(InputError, match="decode refine -1"):
+        S.decode_refine_of(model, -1)

@@ -234,31 +234,44 @@ def test_autoencoder_stage_scale_factor_and_use(shards, tmp_path):
     assert any((tmp_path / "tf" / "tb").iterdir())
 
 
-@pytest.mark.parametrize("turn", [0.0, 0.1])
-def test_latent_cache_gives_the_losses_and_gradients_of_encoding_every_step(shards, ae_file, turn):
+@pytest.mark.parametrize("turn,yaw", [(0.0, 0.0), (0.1, 0.0), (0.0, 0.1)])
+def test_latent_cache_gives_the_losses_and_gradients_of_encoding_every_step(shards, ae_file, turn, yaw):
     """LatentCache (stage talkformer) holds E(crop) and E(masked crop) of every training frame (and,
-    with the turn augmentation, E(turned crop) per level); a step reading it computes the same losses
-    and gradients as a step encoding its images."""
+    with the turn augmentation, E(turned crop) per level; with the yaw augmentation both latents of
+    the yawed crop per level); a step reading it computes the same losses and gradients as a step
+    encoding its images."""
     from talkformer_core.data.dataset import TalkingFaceDataset
     from talkformer_core.models.checkpoint import load_model_state, read_checkpoint
     from talkformer_core.models.model import TalkFormer
     from talkformer_core.train.latents import LatentCache
     from talkformer_core.train.steps import TalkFormerStep
 
-    from talkformer_core.train.augment import turn_levels, turn_lower_face
+    from talkformer_core.train.augment import turn_levels, turn_lower_face, yaw_face
 
     cfg = tiny_config(end_to_end=True)
     cfg.train.turn_augment = turn
+    cfg.train.yaw_augment = yaw
     torch.manual_seed(0)
     model = TalkFormer(cfg).eval()
     load_model_state(model.autoencoder, read_checkpoint(ae_file)[0], "autoencoder")
     ds = TalkingFaceDataset(shards, cfg, frames=(0.0, 0.8))
     turns = turn_levels(turn, cfg.model.image_size) if turn else []
-    cache = LatentCache(model, ds, torch.device("cpu"), batch=7, turns=turns)  # 7 splits clips unevenly
+    yaws = turn_levels(yaw, cfg.model.image_size) if yaw else []
+    cache = LatentCache(model, ds, torch.device("cpu"), batch=7, turns=turns, yaws=yaws)  # 7 splits clips unevenly
     assert len(cache.z) == len(ds.clips) == 2
     for ci, clip in enumerate(ds.clips):
         assert cache.z[ci].shape[0] == clip.hi - clip.lo
-    assert LatentCache.estimate_bytes(model, ds, len(turns)) == sum((2 + len(turns)) * z.numel() * 4 for z in cache.z)
+    levels = len(turns) + 2 * len(yaws)
+    assert LatentCache.estimate_bytes(model, ds, levels) == sum((2 + levels) * z.numel() * 4 for z in cache.z)
+    if yaw:
+        i = 0  # the most negative level
+        b0 = torch.utils.data.default_collate([ds[(2, 3)]])
+        with torch.no_grad():
+            z_y, ctx_y, _ = cache.lookup(b0, yaw=[i])
+            x = yaw_face(b0["crops"].flatten(0, 1), torch.full((b0["crops"].shape[1],), yaws[i]))
+            assert torch.allclose(z_y, model.encode(x), atol=1e-5)
+            assert torch.allclose(ctx_y, model.encode_masked(x), atol=1e-5)
+            assert not torch.allclose(ctx_y, cache.lookup(b0)[1], atol=1e-3)  # the context turned too
     if turn:
         assert len(turns) >= 5 and 0.0 in turns
         i = len(turns) - 1
@@ -605,3 +618,63 @@ def test_train_cli_ctrl_c_exits_130_with_one_line(shards, tmp_path):
 
     step = json.loads(read_metadata(out / "last.safetensors")["training_state"])["step"]
     assert step >= 3
+
+
+def test_yaw_augment_moves_context_target_and_landmarks_together(shards, ae_file):
+    """TrainConfig.yaw_augment: per window one level s; the U-Net sees every landmark at
+    x + s * yaw_profile(x) and the context E(masked crop yawed by s) (the upper face turns too);
+    the levels span both directions; turn and yaw together are refused."""
+    from talkformer_core.models.model import TalkFormer  # noqa: F401 (the spied step builds it)
+    from talkformer_core.train.augment import yaw_face, yaw_profile
+    from talkformer_core.train.steps import TalkFormerStep
+
+    step, batch, seen = _spied_step(shards, ae_file, yaw_augment=0.1)
+    B, L = batch["crops"].shape[:2]
+    S = step.cfg.model.image_size
+    lm = batch["target_crop"].flatten(0, 1)  # (B*L, 131, 2)
+    w = yaw_profile(lm[..., 0])
+    top = w.argmax(1)
+    assert (w.amax(1) > 0.8).all()
+    x = batch["crops"].flatten(0, 1)
+    levels = set()
+    for seed in range(8):
+        with torch.no_grad():
+            step.losses(batch, torch.Generator().manual_seed(seed))
+        dx = (seen["lms"] - lm)[..., 0]
+        rows = torch.arange(B * L)
+        s = dx[rows, top] / w[rows, top]  # (B*L,)
+        assert torch.allclose(dx, s[:, None] * w, atol=1e-6)
+        assert torch.allclose(seen["lms"][..., 1], lm[..., 1])
+        px = torch.round(s * S)
+        assert torch.allclose(s * S, px, atol=1e-4) and (px.view(B, L) == px.view(B, L)[:, :1]).all()
+        h = seen["z_t"].shape[2]
+        with torch.no_grad():
+            ctx = step.model.encode_masked(yaw_face(x, s))
+        assert torch.allclose(seen["z_t"][:, :, : h // 2], ctx[:, :, : h // 2], atol=1e-4)
+        levels.update(px.tolist())
+    assert min(levels) < 0 < max(levels)
+    step.cfg.train.turn_augment = 0.1
+    with pytest.raises(ValueError, match="exclusive"):
+        TalkFormerStep(step.model, step.cfg)
+
+
+def test_yaw_face_moves_pixels_as_yaw_landmarks_moves_points():
+    """A small bright blob drawn at a point lands where yaw_landmarks moves the point (its centroid,
+    within 0.25 px); columns outside the bump are unchanged; s = 0 is the identity."""
+    from talkformer_core.train.augment import YAW_HALF_WIDTH, yaw_face, yaw_landmarks
+
+    S = 64
+    yy, xx = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
+    for x0, y0, spx in ((0.42, 0.3, 4), (0.55, 0.7, -4), (0.35, 0.5, 3)):
+        img = torch.exp(-((xx - x0 * S) ** 2 + (yy - y0 * S) ** 2) / (2 * 1.5 ** 2))[None, None]
+        s = torch.tensor([spx / S])
+        out = yaw_face(img, s)[0, 0]
+        got = float((out * xx).sum() / out.sum()) / S
+        want = float(yaw_landmarks(torch.tensor([[[x0, y0]]]), s)[0, 0, 0])
+        assert got == pytest.approx(want, abs=0.25 / S), (x0, spx)  # the stretch skews a blob a little
+        assert abs(want - x0) > 1 / S  # it moved
+    noise = torch.rand(2, 3, S, S)
+    out = yaw_face(noise, torch.tensor([4 / S, -4 / S]))
+    edge = int((0.5 - YAW_HALF_WIDTH) * S) - 1
+    assert torch.allclose(out[..., :edge], noise[..., :edge]) and torch.allclose(out[..., -edge:], noise[..., -edge:])
+    assert torch.allclose(yaw_face(noise, torch.zeros(2)), noise, atol=1e-6)

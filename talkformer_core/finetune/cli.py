@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--turn-augment", type=float, default=None,
                     help="the lower face sheared sideways against the upper face by up to this fraction of the crop "
                          "width while training (a head turn; 0 = off; default: the preset's)")
+    ap.add_argument("--yaw-augment", type=float, default=None,
+                    help="the inner face (eyes, nose, mouth) moved sideways against the face outline by up to this "
+                         "fraction of the crop width while training (a head turn; 0 = off; default: the preset's)")
     ap.add_argument("--context-noise", type=float, default=None,
                     help="Gaussian noise of std up to this (latent units) on the known upper-face context while "
                          "training (0 = off; default: the preset's)")
@@ -59,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--noise-scale", type=float, default=None,
                     help="hold-out report: scale of the shared starting noise x_T (default: the model's, "
                          "as sync does: 0.5 for the person presets)")
+    ap.add_argument("--decode-refine", type=int, default=None,
+                    help="hold-out report: re-encoding passes of the decode (default: the model's, as sync does: "
+                         "2 for the person presets)")
     ap.add_argument("--dubbing", action="store_true",
                     help="with --holdout F: also the dubbing report, the held-out part's second half driven by the "
                          "audio of its first (F = 0.4: frames [0.8, 1) by the audio of [0.6, 0.8); docs/dubbing.md)")
@@ -78,11 +84,11 @@ def _report_only(a: argparse.Namespace) -> int:
         return error(f"--report-only: no finished run in {work} for {a.video}")
     holdout = float(st["holdout"]) if not a.holdout else a.holdout
     rep = holdout_report(a.out, shards[0], holdout, device=a.device, vae=a.vae, steps=a.sampler_steps,
-                         seed=a.seed, noise_scale=a.noise_scale)
+                         seed=a.seed, noise_scale=a.noise_scale, decode_refine=a.decode_refine)
     print(format_report(rep))
     if a.dubbing:
         rep["dubbing"] = dubbing_report(a.out, shards[0], holdout, device=a.device, vae=a.vae, steps=a.sampler_steps,
-                                        seed=a.seed, noise_scale=a.noise_scale)
+                                        seed=a.seed, noise_scale=a.noise_scale, decode_refine=a.decode_refine)
         print(format_dubbing(rep["dubbing"]))
     if a.report_json:
         from ..models.checkpoint import read_metadata
@@ -108,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
                        ae_steps=a.ae_steps,
                        crop_size=a.crop_size, lr=a.lr, batch_size=a.batch_size, bf16=a.bf16, seed=a.seed,
                        eval_every=a.eval_every, sampler_steps=a.sampler_steps, noise_scale=a.noise_scale,
+                       decode_refine=a.decode_refine,
                        dubbing=a.dubbing, threads=a.threads, turn_augment=a.turn_augment,
-                       context_noise=a.context_noise)
+                       context_noise=a.context_noise, yaw_augment=a.yaw_augment)
         if a.report_json:
             Path(a.report_json).write_text(json.dumps({"checkpoint": str(res.checkpoint), "minutes": res.minutes,
                                                        "steps": res.steps, "report": res.report,

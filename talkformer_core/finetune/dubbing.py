@@ -52,7 +52,8 @@ def _anchor_x(content_box: np.ndarray, template_box: np.ndarray) -> np.ndarray:
 
 def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, holdout: float, *,
                    device: str | None = None, vae: str | os.PathLike | None = None, sampler: str = "ddim",
-                   steps: int = 25, seed: int = 0, noise_scale: float | None = None, silence: bool = True) -> dict[str, Any]:
+                   steps: int = 25, seed: int = 0, noise_scale: float | None = None, silence: bool = True,
+                   decode_refine: int | None = None) -> dict[str, Any]:
     """The dubbing protocol (eval.dubbing) on one clip: trained on [0, 1 - holdout); the held-out part
     split in halves, new audio = the first, template = the second (holdout 0.4: [0.6, 0.8) drives
     [0.8, 1.0)). Opening series of stage 1 (predicted landmarks, crop frame), of the generated faces
@@ -70,7 +71,7 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
     from ..face.blend import lower_face_mask
     from ..pipeline import (AudioFeatures, audio_features, complete_landmarks, encode_reference, initial_noise,
                            landmarks_to_crop, load_model, sample_faces)
-    from ..sampling import noise_scale_of
+    from ..sampling import decode_refine_of, noise_scale_of
 
     h = load_holdout(shard, holdout)
     T = len(h.crops)
@@ -87,7 +88,7 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
 
     def render(idx: np.ndarray, lms_crop: np.ndarray) -> np.ndarray:
         gen = sample_faces(model, h.crops[idx], lms_crop, ref, steps=steps, sampler=sampler, seed=seed,
-                           batch_size=32, noise=noise)
+                           batch_size=32, noise=noise, decode_refine=decode_refine)
         return paste_lower_face(gen, h.crops[idx], mask)
 
     def stage1(idx: np.ndarray, mels: np.ndarray) -> np.ndarray:
@@ -144,6 +145,7 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
                            "audio_frames": [int(au[0]), int(au[-1]) + 1], "template_frames": [int(te[0]), int(te[-1]) + 1],
                            "landmark_box": box, "sampler": sampler, "sampler_steps": steps,
                            "noise_scale": noise_scale_of(model, noise_scale),
+                           "decode_refine": decode_refine_of(model, decode_refine),
                            "mouth_model": bool(getattr(model.landmark, "mouth", None) is not None
                                                and model.landmark.mouth.is_fitted)}
     if silence:
@@ -186,7 +188,7 @@ def format_dubbing(rep: dict[str, Any], clip: str = "this clip") -> str:
     lines = [f"[finetune] dubbing: template frames {rep['template_frames']} driven by the audio of "
              f"{rep['audio_frames']} ({rep['frames']} frames; {rep['train_frames']} training frames; "
              f"box {rep['landmark_box']}; mouth model {'on' if rep['mouth_model'] else 'off'}; {rep['sampler']} "
-             f"{rep['sampler_steps']} steps, x_T scale {rep.get('noise_scale', 1.0):g})",
+             f"{rep['sampler_steps']} steps, x_T scale {rep.get('noise_scale', 1.0):g}, decode passes {rep.get('decode_refine', 0)})",
              "| clip | opening of | corr with the audio's truth ↑ | corr with the template | same, given the audio | "
              "faces: corr with the landmarks drawn | lip-shape error (x nose length) ↓ |", "|---|---|---|---|---|---|---|"]
     for key, name in DUB_ROWS:

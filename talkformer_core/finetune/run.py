@@ -39,6 +39,7 @@ from .presets import PRESETS, finetune_config
 REPORT_RESERVE_MIN = 1.5  # minutes kept for the hold-out report (sampling + mediapipe)
 MAX_HOLDOUT = 0.5
 MAX_TURN_AUGMENT = 0.25  # a quarter of the crop: beyond it the "turn" tears the lower face off the upper
+MAX_YAW_AUGMENT = 0.125  # an eighth of the crop at its centre: the warp stays one-to-one (|s| * max w' < 1)
 MAX_CONTEXT_NOISE = 4.0  # latent units (the latents have about unit std): beyond it the context is noise alone
 
 
@@ -59,7 +60,8 @@ def validate_inputs(video: str | os.PathLike, out: str | os.PathLike, *, budget_
                     vae: str | os.PathLike | None, init_landmarks: str | os.PathLike | None,
                     steps: int | None, preset: str, ae_steps: int | None = None, dubbing: bool = False,
                     noise_scale: float | None = None, turn_augment: float | None = None,
-                    context_noise: float | None = None) -> None:
+                    context_noise: float | None = None, yaw_augment: float | None = None,
+                    decode_refine: int | None = None) -> None:
     """Every bad argument, before any long work (clear errors naming the file)."""
     from ..video import probe_video
 
@@ -84,12 +86,19 @@ def validate_inputs(video: str | os.PathLike, out: str | os.PathLike, *, budget_
     if turn_augment is not None and not 0.0 <= turn_augment <= MAX_TURN_AUGMENT:
         raise InputError(f"--turn-augment {turn_augment}: expected a fraction of the crop width in "
                          f"[0, {MAX_TURN_AUGMENT}] (0 = off)")
+    if yaw_augment is not None and not 0.0 <= yaw_augment <= MAX_YAW_AUGMENT:
+        raise InputError(f"--yaw-augment {yaw_augment}: expected a fraction of the crop width in "
+                         f"[0, {MAX_YAW_AUGMENT}] (0 = off)")
+    if (turn_augment or 0) > 0 and (yaw_augment or 0) > 0:
+        raise InputError(f"--turn-augment {turn_augment} with --yaw-augment {yaw_augment}: give one of them (the other 0)")
     if context_noise is not None and not 0.0 <= context_noise <= MAX_CONTEXT_NOISE:
         raise InputError(f"--context-noise {context_noise}: expected a noise std in latent units in "
                          f"[0, {MAX_CONTEXT_NOISE}] (0 = off)")
     from ..sampling import check_noise_scale
 
     check_noise_scale(noise_scale)  # used only by the report after training: checked now
+    if decode_refine is not None and decode_refine < 0:
+        raise InputError(f"--decode-refine {decode_refine}: expected >= 0 passes")
     for name, p in (("--vae", vae), ("--init-landmarks", init_landmarks)):
         if p is not None and not Path(p).is_file():
             raise InputError(f"{name} {p}: no such file; expected a .safetensors file")
@@ -151,9 +160,10 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
              holdout: float = 0.0, device: str | None = None, resume: bool = False, preset: str = "auto",
              steps: int | None = None, ae_steps: int | None = None, crop_size: int | None = None, lr: float | None = None,
              batch_size: int | None = None, bf16: bool = False, seed: int = 0, eval_every: int = 250,
-             sampler: str = "ddim", sampler_steps: int = 25, noise_scale: float | None = None, threads: int | None = None,
+             sampler: str = "ddim", sampler_steps: int = 25, noise_scale: float | None = None, decode_refine: int | None = None,
+             threads: int | None = None,
              dubbing: bool = False, turn_augment: float | None = None,
-             context_noise: float | None = None, progress: ProgressFn | None = None, tqdm_bar: bool = True,
+             context_noise: float | None = None, yaw_augment: float | None = None, progress: ProgressFn | None = None, tqdm_bar: bool = True,
              print_fn: Callable[[str], None] | None = print) -> FinetuneResult:
     """Train a person-specific TalkFormer on one clip (see the module doc). Returns the result.
 
@@ -172,7 +182,8 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
     video, out = Path(video), Path(out)
     validate_inputs(video, out, budget_minutes=budget_minutes, holdout=holdout, vae=vae,
                     init_landmarks=init_landmarks, steps=steps, preset=preset, ae_steps=ae_steps, dubbing=dubbing,
-                    noise_scale=noise_scale, turn_augment=turn_augment, context_noise=context_noise)
+                    noise_scale=noise_scale, turn_augment=turn_augment, context_noise=context_noise,
+                    yaw_augment=yaw_augment, decode_refine=decode_refine)
     if ae_steps is None:
         ae_steps = steps
     if threads:
@@ -192,6 +203,8 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
         cfg.train.turn_augment = float(turn_augment)
     if context_noise is not None:
         cfg.train.context_noise = float(context_noise)
+    if yaw_augment is not None:
+        cfg.train.yaw_augment = float(yaw_augment)
     def say(msg: str) -> None:
         if print_fn is print:  # above the tqdm bars, not glued to them
             from tqdm import tqdm
@@ -337,11 +350,13 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
     if holdout > 0:
         t0 = time.time()
         result.report = holdout_report(out, shard, holdout, device=device, vae=vae, sampler=sampler,
-                                       steps=sampler_steps, seed=seed, noise_scale=noise_scale)
+                                       steps=sampler_steps, seed=seed, noise_scale=noise_scale,
+                                       decode_refine=decode_refine)
         say(format_report(result.report))
         if dubbing:
             result.report["dubbing"] = dubbing_report(out, shard, holdout, device=device, vae=vae, sampler=sampler,
-                                                      steps=sampler_steps, seed=seed, noise_scale=noise_scale)
+                                                      steps=sampler_steps, seed=seed, noise_scale=noise_scale,
+                                                      decode_refine=decode_refine)
             say(format_dubbing(result.report["dubbing"]))
         spent["report"] = (time.time() - t0) / 60.0
     result.minutes = dict(spent)

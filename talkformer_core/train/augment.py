@@ -16,6 +16,14 @@ three real clips' crops) and 1 below, so lips, jaw and chin move together. The l
 the same ramp. The shifts are whole pixels of the crop at the lips, a few levels at most, so the
 frozen autoencoder's latents of every level can be cached once (``LatentCache``).
 
+The yaw augmentation (TrainConfig.yaw_augment): the inner face (eyes, nose, mouth) moved sideways
+against the face's outline, in the upper and lower halves alike, as turning the head about its
+vertical axis moves them: held out, face_5's eyes sit 2.5 px, nose tip 4.3 px and lips 2.7 px right
+of the training frames' means while the outline at the ears stays put (docs/dubbing.md). Column x
+(crop fractions) moves by ``s * yaw_profile(x)``, a cosine bump that is 1 at the crop's centre and 0
+from YAW_HALF_WIDTH away (the face oval's edges sit at 0.2 and 0.8 of the crop); the landmarks move
+with the same field. Context and target are warped together, so each level caches both latents.
+
 The context noise (TrainConfig.context_noise): the known context latent of each window plus
 Gaussian noise of a std drawn per window in [0, context_noise]. Sampling keeps the context clean:
 training on blurred views of the few contexts it has keeps the renderer from keying the mouth on
@@ -29,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+YAW_HALF_WIDTH = 0.3  # the yaw bump's half width, crop fractions (1 at 0.5, 0 beyond 0.2 and 0.8)
 RAMP = (0.5, 0.65)  # crop-fraction rows where the shear goes from 0 to its full shift
 MAX_LEVELS = 9  # cached latents per frame at most (gpu256 at 0.08 would otherwise need 41)
 
@@ -70,6 +79,37 @@ def turn_landmarks(points: Tensor, s: Tensor) -> Tensor:
     return torch.stack([points[..., 0] + dx, points[..., 1]], -1)
 
 
+def yaw_profile(x: Tensor) -> Tensor:
+    """Share of the full yaw shift at crop-fraction columns ``x`` (any shape): a cosine bump, 1 at 0.5."""
+    u = ((x - 0.5) / YAW_HALF_WIDTH).clamp(-1.0, 1.0)
+    return 0.5 * (1.0 + torch.cos(math.pi * u))
+
+
+def yaw_landmarks(points: Tensor, s: Tensor) -> Tensor:
+    """Crop-frame landmarks (N, P, 2) in [0, 1]: x moved to x + s * yaw_profile(x); ``s`` (N,)."""
+    dx = s.to(points.dtype)[:, None] * yaw_profile(points[..., 0].detach())  # (N, P)
+    return torch.stack([points[..., 0] + dx, points[..., 1]], -1)
+
+
+def yaw_face(images: Tensor, s: Tensor) -> Tensor:
+    """Images (N, C, S, S) -> the same with column x's content moved to x + s * yaw_profile(x) (the
+    pixels move as ``yaw_landmarks`` moves points); ``s`` (N,) fractions of the width. The source
+    column of each output column solves x_src + s * w(x_src) = x by fixed-point iteration (a
+    contraction: |s| * max w' < 1 for |s| < 0.19). Bilinear, edge columns repeated."""
+    N, _, H, W = images.shape
+    dev, dt = images.device, images.dtype
+    xs = (torch.arange(W, device=dev, dtype=dt) + 0.5) / W  # column centres
+    sv = s.to(dt)[:, None]  # (N, 1)
+    src = xs[None].expand(N, W)
+    for _ in range(8):
+        src = xs[None] - sv * yaw_profile(src)  # (N, W)
+    ys = (torch.arange(H, device=dev, dtype=dt) + 0.5) / H
+    gx = (src * 2 - 1)[:, None, :].expand(N, H, W)
+    gy = (ys * 2 - 1)[None, :, None].expand(N, H, W)
+    return F.grid_sample(images, torch.stack([gx, gy], -1), mode="bilinear", padding_mode="border",
+                         align_corners=False)
+
+
 def noise_context(ctx: Tensor, scale: float, num_frames: int, generator: torch.Generator) -> Tensor:
     """Context latents (B*L, C, h, w), windows of ``num_frames`` = L frames -> ctx + sigma * eps with one
     sigma ~ U(0, scale) per window (its frames share it, as they share a diffusion time) and eps ~ N(0, I)
@@ -81,4 +121,5 @@ def noise_context(ctx: Tensor, scale: float, num_frames: int, generator: torch.G
     return ctx + sigma * eps.to(ctx.device, ctx.dtype)
 
 
-__all__ = ["RAMP", "MAX_LEVELS", "turn_levels", "ramp", "turn_lower_face", "turn_landmarks", "noise_context"]
+__all__ = ["RAMP", "MAX_LEVELS", "turn_levels", "ramp", "turn_lower_face", "turn_landmarks", "noise_context",
+           "YAW_HALF_WIDTH", "yaw_profile", "yaw_face", "yaw_landmarks"]

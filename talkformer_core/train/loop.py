@@ -201,9 +201,10 @@ def train(cfg: TalkFormerConfig | str, options: TrainOptions | None = None, **fi
 
     if o.stage == "talkformer" and o.cache_latents is not False:
         turns = step_module.turns if cfg.train.turn_augment > 0 else []
-        need = LatentCache.estimate_bytes(model, dataset, len(turns))
+        yaws = step_module.yaws if cfg.train.yaw_augment > 0 else []
+        need = LatentCache.estimate_bytes(model, dataset, len(turns) + 2 * len(yaws))
         if o.cache_latents or need <= LATENT_CACHE_MAX_BYTES:
-            step_module.latents = LatentCache(model, dataset, dev, turns=turns)
+            step_module.latents = LatentCache(model, dataset, dev, turns=turns, yaws=yaws)
             metrics_cache = need
             if not o.preview_every:  # the step reads latents only: no image tensors per sample
                 dataset.images = False

@@ -91,6 +91,9 @@ class TalkFormerStep(nn.Module):
         from .augment import turn_levels
 
         self.turns = turn_levels(cfg.train.turn_augment, cfg.model.image_size)  # [0.0] when off
+        self.yaws = turn_levels(cfg.train.yaw_augment, cfg.model.image_size)  # [0.0] when off
+        if len(self.turns) > 1 and len(self.yaws) > 1:
+            raise ValueError("TrainConfig: turn_augment and yaw_augment are exclusive (set one to 0)")
 
     def forward(self, batch: Mapping[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         parts = self.losses(batch, generator)
@@ -100,7 +103,7 @@ class TalkFormerStep(nn.Module):
         """{"loss": L_ldm + lambda * L1, "ldm": L_ldm, "l1": L1}, all with their graphs."""
         from ..diffusion import ldm_loss
         from ..face.topology import CONTENT_POS, box_to_crop
-        from .augment import noise_context, turn_landmarks, turn_lower_face
+        from .augment import noise_context, turn_landmarks, turn_lower_face, yaw_face, yaw_landmarks
 
         m, tc = self.model, self.cfg.train
         crops, masked = batch["crops"], batch["masked"]  # (B, L, 3, S, S)
@@ -121,15 +124,24 @@ class TalkFormerStep(nn.Module):
             turn = torch.randint(0, len(self.turns), (B,), generator=generator, device=generator.device).tolist()
             s = torch.tensor([self.turns[i] for i in turn], device=lm_crop.device).repeat_interleave(L)  # (B*L,)
             lm_crop = turn_landmarks(lm_crop.flatten(0, 1), s).view_as(lm_crop)
+        yaw = None
+        if len(self.yaws) > 1:  # likewise: one level per window, drawn only when on
+            yaw = torch.randint(0, len(self.yaws), (B,), generator=generator, device=generator.device).tolist()
+            sy = torch.tensor([self.yaws[i] for i in yaw], device=lm_crop.device).repeat_interleave(L)  # (B*L,)
+            lm_crop = yaw_landmarks(lm_crop.flatten(0, 1), sy).view_as(lm_crop)
         # stage 2: latents of the frozen autoencoder
         if self.latents is not None:
-            z0, ctx, z_r = self.latents.lookup(batch, turn)
+            z0, ctx, z_r = self.latents.lookup(batch, turn, yaw)
             z0, ctx, z_r = (z.to(crops.dtype) for z in (z0, ctx, z_r))
         else:
             with torch.no_grad():
                 x = crops.flatten(0, 1)
+                if yaw is not None:  # the context turns with the face: E(masked yawed crop)
+                    x = yaw_face(x, sy.to(x.device))
+                    ctx = m.encode_masked(x)  # (B*L, C, h, w)
+                else:
+                    ctx = m.encode(masked.flatten(0, 1))  # (B*L, C, h, w)
                 z0 = m.encode(x if turn is None else turn_lower_face(x, s.to(x.device)))  # (B*L, C, h, w)
-                ctx = m.encode(masked.flatten(0, 1))  # (B*L, C, h, w)
                 z_r = m.encode(batch["reference"])  # (B, C, h, w)
         T = self.schedule.num_timesteps
         t = torch.randint(0, T, (B,), generator=generator, device=generator.device).to(z0.device)
