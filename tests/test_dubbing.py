@@ -125,6 +125,14 @@ def test_partial_correlation_and_linear_leak():
     follows_audio = truth + 0.1 * rng.normal(size=400)
     assert D.pearson(follows_audio, template) > 0.4  # chance alignment of the two series ...
     assert abs(D.partial_corr(follows_audio, template, truth)) < 0.15  # ... which the partial removes
+    assert abs(D.template_weight(follows_audio, truth, template)) < 0.05  # ... and the weight
+    # a small leak on a close follower: the partial reads it large, the weight at its size
+    small_leak = truth + 0.1 * rng.normal(size=400) + 0.05 * (template - template.mean()) / template.std()
+    assert D.partial_corr(small_leak, template, truth) > 0.3
+    assert 0.02 < D.template_weight(small_leak, truth, template) < 0.08
+    # a copy of the template: weight 1 (in stds of the output, the audio held fixed)
+    assert D.template_weight(template, truth, template) == pytest.approx(1.0)
+    assert D.template_weight(np.ones(400), truth, template) is None  # a constant output: no fit
     pose = rng.normal(size=(400, 6, 2))
     leaky = pose.copy()
     leaky[:, 0, 1] += 2.0 * truth

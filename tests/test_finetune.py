@@ -133,7 +133,7 @@ def test_dubbing_report_on_a_tiny_run(videos, tmp_path):
     t0, t1 = rep["template_frames"]
     assert a1 <= t0 and t1 - t0 == a1 - a0 == rep["frames"] and a0 >= rep["train_frames"]
     for key in ("stage1", "faces", "renderer_true_landmarks", "loudness"):
-        assert {"corr_audio", "corr_template", "corr_template_given_audio"} <= set(rep["rows"][key])
+        assert {"corr_audio", "corr_template", "corr_template_given_audio", "template_weight"} <= set(rep["rows"][key])
     assert "corr_landmarks" in rep["rows"]["faces"] and "corr_landmarks" in rep["rows"]["renderer_true_landmarks"]
     assert "corr_landmarks" in rep["rows"]["faces_seen_template"] and rep["noise_scale"] == 1.0  # tiny: the paper's
     s = rep["silence"]
@@ -141,6 +141,8 @@ def test_dubbing_report_on_a_tiny_run(videos, tmp_path):
     assert {"faces_max", "faces_p90", "faces_closed", "faces_closed_real", "faces_closed_autoencoder", "faces_ok"} <= set(s)
     assert s["faces_ok"] == (s["faces_max"] <= s["faces_closed_real"]) and s["faces_max_seen_template"] >= 0
     text = format_dubbing(rep, "talk.mp4")
+    table = [ln for ln in text.splitlines() if ln.startswith("|")]
+    assert len({ln.count("|") for ln in table}) == 1 and "template's weight" in table[0]  # every row fills every column
     assert "faces, the template taken from the training frames" in text and "the real closed frames read" in text and "of the autoencoder's reconstructions" in text and "loudness model" in text
 
 

@@ -51,6 +51,7 @@ def learning_config():
     cfg.model.unet.landmark_map = True
     cfg.model.unet.landmark_fill = True
     cfg.model.unet.position_features = True
+    cfg.model.diffusion.decode_refine = 2  # the person presets' decode (sampling.decode_faces)
     cfg.train.end_to_end = False
     cfg.train.lr = 1e-3
     cfg.train.autoencoder_lr = 2e-3
@@ -136,7 +137,8 @@ def _run(workdir: Path, log, tf_steps: int, save_every: int) -> dict:
         sil = evaluate(tf.checkpoint, workdir / "dub", test_clip, test_dir, stage1, mouth,
                        template_clip=dub_clip, silence=True)
         res[stage1] = {**r, "dub_corr_audio": d["corr_generated"], "dub_corr_template": d["corr_template"],
-                       "dub_partial_template": d["partial_template"], "dub_corr_stage1": d["corr_stage1"],
+                       "dub_partial_template": d["partial_template"],
+                       "dub_template_weight": d["template_weight"], "dub_corr_stage1": d["corr_stage1"],
                        "silence_area_max": sil["area_max"], "closed_area": r["closed_area"]}
     res.update(res["mouth"])  # the person presets' stage 1 (ModelConfig / LandmarkConfig.mouth_model)
     for k in keep:
@@ -173,16 +175,13 @@ def evaluate(checkpoint: Path, template_dir: Path, audio_clip, audio_dir: Path, 
     from talkformer_core.audio import audio_windows
     from talkformer_core.data.dataset import TalkingFaceDataset, load_shard
     from talkformer_core.diffusion import NoiseSchedule, sample_ddim, upper_half_mask
-    from talkformer_core.eval.dubbing import partial_corr
+    from talkformer_core.eval.dubbing import partial_corr, template_weight
     from talkformer_core.face import topology
-    from talkformer_core.models.checkpoint import checkpoint_config, load_model_state, read_checkpoint
-    from talkformer_core.models.model import TalkFormer
+    from talkformer_core.pipeline import load_model
+    from talkformer_core.sampling import decode_faces, decode_refine_of
 
-    tensors, meta = read_checkpoint(checkpoint)
-    mcfg = checkpoint_config(meta)
-    model = TalkFormer(mcfg)
-    load_model_state(model, tensors)
-    model.eval()
+    loaded = load_model(checkpoint, "cpu", use_ema=False)  # tiny's EMA (decay 0.9999) is not trained yet
+    model, mcfg = loaded.model, loaded.config
     ds = TalkingFaceDataset(template_dir, mcfg, split="test")
     audio_mels = load_shard(next(iter(sorted(Path(audio_dir).glob("*.npz")))))["mels"]
     if silence:
@@ -216,9 +215,9 @@ def evaluate(checkpoint: Path, template_dir: Path, audio_clip, audio_dir: Path, 
             h, wd = ctx.shape[-2:]
             z = sample_ddim(lambda x, t: model.unet(x, t, lmc, ref, num_frames=L), noise, sched, SAMPLER_STEPS,
                             known=ctx, known_mask=upper_half_mask(h, wd))
-            out = model.decode(z)
             to8 = lambda x: ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()  # noqa: E731
-            gen.append(to8(out))
+            # decoded as the product decodes (refine passes: the template's mouth out of the decode)
+            gen.append(decode_faces(loaded, z, to8(s["crops"]), decode_refine_of(loaded)))
             truth.append(to8(s["crops"]))
             copy_ref.append(np.repeat(to8(ref_img[None]), L, 0))
             idx.append(fi)
@@ -237,6 +236,7 @@ def evaluate(checkpoint: Path, template_dir: Path, audio_clip, audio_dir: Path, 
     res = {"corr_generated": _corr(a_gen, opening), "corr_true_frames": _corr(a_true, templ),
            "corr_stage1": _corr(gap1, opening), "corr_template": _corr(a_gen, templ),
            "partial_template": float(partial_corr(a_gen, templ, opening)) if template_clip is not None else 0.0,
+           "template_weight": float(template_weight(a_gen, opening, templ)) if template_clip is not None else 0.0,
            "psnr_generated": psnr(gen[:, lower], truth[:, lower]),
            "psnr_copy_reference": psnr(copy_ref[:, lower], truth[:, lower]),
            "area_max": float(a_gen.max()), "closed_area": float(np.percentile(a_true, 10)),
@@ -264,13 +264,14 @@ def test_landmark_l1_falls_fivefold(learned):
     assert learned["l1_ratio"] >= 5.0, learned
 
 
-# Measured with this file before the map's filled lips (landmark_fill) joined the recipe (2 threads,
-# seed 0, 1200 steps; the assertions below are unchanged): landmark L1 0.765 -> 0.0075 (101x);
-# stage 1 on the unseen audio: mouth model 0.977, transformer 0.987; the generated faces 0.963 /
-# 0.983 (true frames 0.984), lower-half PSNR 23.49 / 23.31 dB vs 19.21 dB for the copied reference;
-# dubbed (clip 1001's frames, clip 1000's audio) 0.957 / 0.983 with the audio, -0.197 / -0.068 with
-# the template (given the audio -0.431 / 0.026); 2 s of silence: mouth area at most 1.66 / 2.88
-# against the person's closed area 7.27 (10th percentile of the true frames).
+# Measured with this file (2 threads, seed 0, 1200 steps, decoded in the presets' two passes):
+# landmark L1 0.761 -> 0.0076 (101x); stage 1 on the unseen audio: mouth model 0.977, transformer
+# 0.991; the generated faces 0.963 / 0.973 (true frames 0.984), lower-half PSNR 24.50 / 24.87 dB vs
+# 19.21 dB for the copied reference; dubbed (clip 1001's frames, clip 1000's audio) 0.962 / 0.975
+# with the audio, -0.184 / -0.035 with the template, template weight -0.113 / 0.038 (partial
+# correlation -0.410 / 0.171; decoded once 0.223, the reading of a 0.052 weight); 2 s of silence:
+# mouth area at most 3.95 / 6.82 against the person's closed area 7.27 (10th percentile of the true
+# frames). On templates 1002 / 1003 the weights read 0.152 / -0.005 and 0.015 / 0.000.
 @pytest.mark.slow
 def test_generated_mouth_follows_unseen_audio(learned):
     for r in (learned["mouth"], learned["transformer"]):
@@ -286,8 +287,9 @@ def test_mouth_follows_new_audio_when_dubbing(learned):
     for r in (learned["mouth"], learned["transformer"]):
         assert r["dub_corr_stage1"] >= 0.8, r
         assert r["dub_corr_audio"] >= 0.8, r  # the faces follow the new audio ...
-        # ... and not the template (negative: against it, no leak)
-        assert r["dub_corr_template"] <= 0.2 and r["dub_partial_template"] <= 0.2, r
+        # ... and not the template (negative: against it, no leak); its weight with the audio held
+        # fixed, not the partial correlation, which reads noise when the faces follow the audio at 0.97
+        assert r["dub_corr_template"] <= 0.2 and r["dub_template_weight"] <= 0.2, r
         assert r["silence_area_max"] <= r["closed_area"], r  # silence: within the closed-mouth range
 
 

@@ -152,14 +152,30 @@ def partial_corr(x: Any, y: Any, z: Any) -> float | None:
     return pearson(*res)
 
 
+def template_weight(opening: Any, truth: Any, template: Any) -> float | None:
+    """The template's weight in the least-squares fit of the opening on the audio's truth and the
+    template's opening, all three standardised: how far one std of the template's opening moves the
+    output, in output stds, the audio held fixed (0: none of it; 1: a copy of an uncorrelated
+    template). Where the output follows the audio closely, the partial correlation divides by the
+    little variance left over and reads noise (0.22 on a leak of 0.05 here); the weight does not."""
+    x, t, a = (np.asarray(v, np.float64) for v in (opening, template, truth))
+    ok = np.isfinite(x) & np.isfinite(t) & np.isfinite(a)
+    if ok.sum() < 4 or min(v[ok].std() for v in (x, t, a)) == 0:
+        return None
+    zs = lambda v: (v[ok] - v[ok].mean()) / v[ok].std()  # noqa: E731
+    A = np.stack([zs(a), zs(t), np.ones(int(ok.sum()))], 1)
+    return float(np.linalg.lstsq(A, zs(x), rcond=None)[0][1])
+
+
 def dubbing_scores(opening: Any, truth: Any, template: Any) -> dict[str, float | None]:
     """Correlation of an opening series with the new audio's true opening and with the template's;
     ``corr_template_given_audio``: the latter with the audio's truth partialled out. On a few dozen
     frames the audio's and the template's true openings correlate by chance (0.56 on one real clip),
     so a mouth that follows the audio perfectly correlates that much with the template too; the
-    partial correlation is what the template adds beyond that."""
+    partial correlation is what the template adds beyond that; ``template_weight`` how much it adds."""
     return {"corr_audio": pearson(opening, truth), "corr_template": pearson(opening, template),
             "corr_template_given_audio": partial_corr(opening, template, truth),
+            "template_weight": template_weight(opening, truth, template),
             "truth_vs_template": pearson(truth, template)}
 
 
@@ -214,4 +230,5 @@ def linear_leak(pose: Any, opening: Any, fit_frac: float = 0.6, ridge: float = 1
 
 __all__ = ["DubbingSplit", "LoudnessModel", "UPPER_FACE_478", "closed_threshold", "dubbing_scores", "frame_loudness",
            "lag_correlations",
-           "linear_leak", "lip_shape_error", "mouth_opening", "partial_corr", "similarity_align", "split_clip"]
+           "linear_leak", "lip_shape_error", "mouth_opening", "partial_corr", "similarity_align", "split_clip",
+           "template_weight"]
