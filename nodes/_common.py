@@ -237,6 +237,18 @@ def noise_scale_option(value: Any) -> float | None:
     return None if value is None or float(value) < 0 else float(value)
 
 
+# the decode's re-encoding passes (an optional input, as noise_scale)
+DECODE_PASSES_INPUT = ("INT", {"default": -1, "min": -1, "max": 16,
+                               "tooltip": "Re-encoding passes of the decode; -1 = the model's own (4 for person "
+                                          "models from finetune, 0 otherwise). Each pass keeps more of the "
+                                          "template's own mouth out of the face (docs/dubbing.md)."})
+
+
+def decode_passes_option(value: Any) -> int | None:
+    """The node's decode_passes widget -> the core's decode_refine (None = the model's own)."""
+    return None if value is None or int(value) < 0 else int(value)
+
+
 def dtype_names() -> list[str]:
     """The compute dtypes the loader offers (talkformer_core.loaded_model.DTYPE_CHOICES)."""
     from talkformer_core.loaded_model import DTYPE_CHOICES

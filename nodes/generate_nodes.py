@@ -5,6 +5,7 @@ from typing import Any
 
 from ._common import (
     CATEGORY,
+    DECODE_PASSES_INPUT,
     FACE_TRACK_INPUT,
     MODEL_INPUT,
     NOISE_SCALE_INPUT,
@@ -13,6 +14,7 @@ from ._common import (
     TALKFORMER_REFERENCE,
     Progress,
     check_interrupt,
+    decode_passes_option,
     image_to_uint8,
     noise_scale_option,
     sampler_inputs,
@@ -163,12 +165,12 @@ class TalkFormerSampler:
                 "eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                   "tooltip": "Stochasticity: 0 deterministic (DDIM / DPM-Solver++), 1 ancestral."}),
             },
-            "optional": {"noise_scale": NOISE_SCALE_INPUT},
+            "optional": {"noise_scale": NOISE_SCALE_INPUT, "decode_passes": DECODE_PASSES_INPUT},
         }
 
     def sample(self, model: Any, images: Any, face_track: Any, landmarks: Any, reference: Any,
                steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER, seed: int = 0, eta: float = 0.0,
-               noise_scale: float = -1.0):
+               noise_scale: float = -1.0, decode_passes: int = -1):
         import numpy as np
 
         from talkformer_core.face.track import crop_frame
@@ -191,7 +193,7 @@ class TalkFormerSampler:
             bar.update(done[0], latest[0] if i == 0 else None)  # interrupt point
 
         fs = FaceSampler(loaded, reference, steps=int(steps), sampler=sampler, seed=int(seed), eta=float(eta),
-                         noise_scale=noise_scale_option(noise_scale),
+                         noise_scale=noise_scale_option(noise_scale), decode_refine=decode_passes_option(decode_passes),
                          batch_size=auto_batch_size(loaded), step_callback=step)
         done, bar = [0], Progress(max(1, fs.num_runs(len(crops)) * int(steps)))
         faces = fs(crops, lms, on_faces=lambda b0, f: latest.__setitem__(0, f[-1]))

@@ -343,10 +343,11 @@ def person_config(crop_size: int = 64, *, full_landmarks: bool = False, vae: boo
         name=f"person{crop_size}",
         # anchor_mouth_x: audio-driven lips placed sideways where the template frame's lips are (ModelConfig);
         # starting noise scaled by 0.5 at sampling (DiffusionConfig.noise_scale); the decode re-encodes
-        # the template with the generated lower face twice (DiffusionConfig.decode_refine: on face_5 the
-        # faces on new audio 0.49 -> 0.59, silence 0.152 -> 0.123, self-reconstruction PSNR the same)
+        # the template with the generated lower face four times (DiffusionConfig.decode_refine: on face_5
+        # the faces on new audio 0.49 -> 0.64, silence 0.152 -> 0.117, self-reconstruction PSNR the same;
+        # the other two clips settle by the third pass)
         model=ModelConfig(image_size=crop_size, autoencoder=ae, landmark=lm, unet=unet, anchor_mouth_x=True,
-                          diffusion=DiffusionConfig(noise_scale=0.5, decode_refine=2)),
+                          diffusion=DiffusionConfig(noise_scale=0.5, decode_refine=4)),
         # end_to_end off: within a CPU budget (a few hundred steps) the completion module's predictions
         # stay poor (box-frame L1 ~0.14 after 400 steps), and a U-Net fed them learns to ignore
         # M-Align; fed the detected landmarks it learns to follow them (measured: docs/finetune.md).

@@ -282,6 +282,11 @@ def test_model_chain(checkpoint, images, audio, track):
     (e,) = sampler.sample(model, images, analysis, lms, ref_auto, noise_scale=1.0, **kw)
     (f,) = sampler.sample(model, images, analysis, lms, ref_auto, noise_scale=0.3, **kw)
     assert torch.equal(a, e) and not torch.equal(a, f)
+    # decode_passes: -1 (the default) = the model's own (0 for this tiny config); passes change the faces
+    assert sampler.INPUT_TYPES()["optional"]["decode_passes"][1]["default"] == -1
+    (g0,) = sampler.sample(model, images, analysis, lms, ref_auto, decode_passes=0, **kw)
+    (g2,) = sampler.sample(model, images, analysis, lms, ref_auto, decode_passes=2, **kw)
+    assert torch.equal(a, g0) and not torch.equal(a, g2)
     # the reference image is what R-Align reads. An untrained checkpoint's zero-initialised output
     # projections make R-Align add exactly zero, so a second copy gets weights there first; then two
     # reference images give different mouths, with the same seed, and the change is in the lower

@@ -186,6 +186,8 @@ def test_node_definition():
     assert spec["optional"]["audio"][0] == "AUDIO"
     assert spec["optional"]["noise_scale"][1]["default"] == -1.0  # the model's own
     assert video_node.noise_scale_option(-1.0) is None and video_node.noise_scale_option(0.5) == 0.5
+    assert spec["optional"]["decode_passes"][1]["default"] == -1  # the model's own
+    assert video_node.decode_passes_option(-1) is None and video_node.decode_passes_option(3) == 3
     assert NODE.RETURN_TYPES == ("VIDEO", "INT")
     assert set(spec["required"]) >= {"steps", "sampler", "seed", "length_mode", "face_index", "reference_frame",
                                       "feather", "watermark"}
@@ -203,6 +205,13 @@ def test_lipsync_plain_path(assets, model, plain_temp):
     assert _outputs(plain_temp) == [out]  # nothing else left behind (no spilled source, no temp file)
     assert video.get_dimensions() == (SIZE, SIZE)
     _check_output(out, assets["src"], n)
+    # decode_passes reaches the pipeline: 0 is this tiny model's own (the same frames), 2 redraws the faces
+    from talkformer_core.video import iter_frames
+
+    frames = lambda v: np.stack(list(iter_frames(Path(os.fspath(v)), None))).astype(np.int16)  # noqa: E731
+    same, _ = NODE().lipsync(str(assets["src"]), model, steps=2, seed=0, watermark=False, decode_passes=0)
+    other, _ = NODE().lipsync(str(assets["src"]), model, steps=2, seed=0, watermark=False, decode_passes=2)
+    assert np.array_equal(frames(video), frames(same)) and not np.array_equal(frames(video), frames(other))
 
 
 def test_explicit_audio_sets_length_and_track(assets, model, plain_temp):
