@@ -198,7 +198,7 @@ def test_mark_video_node_tags_copies_and_signs(tmp_path, chain):
     with pytest.raises(InputError, match="nokey.pem"):
         mark.mark(str(src), c2pa_cert=str(chain["chain"]), c2pa_key=str(tmp_path / "nokey.pem"))
     (out,) = mark.mark(str(src), c2pa_cert=str(chain["chain"]), c2pa_key=str(chain["key"]))
-    path = Path(os.fspath(out))
+    path = Path(out.get_stream_source())
     r = detect_file(path, frames=12)
     assert r.tag_claims_watermark is True and r.watermark_found and r.tag_names_generator
     assert r.c2pa["status"] == "valid" and r.c2pa["names_generator"]
@@ -207,13 +207,13 @@ def test_mark_video_node_tags_copies_and_signs(tmp_path, chain):
         py = [bytes(p) for p in y.demux(y.streams.video[0]) if p.size]
         assert px == py and len(y.streams.audio) == 1
     (out2,) = mark.mark(str(plain))
-    r2 = detect_file(Path(os.fspath(out2)), frames=8)
+    r2 = detect_file(Path(out2.get_stream_source()), frames=8)
     assert r2.tag_claims_watermark is False and not r2.watermark_found and r2.c2pa["status"] == "absent"
     assert "the tag says no watermark was embedded" in r2.verdict
     res = mark.mark(str(plain), filename_prefix="kept/marked")  # outside ComfyUI: saved beside the temp file
-    saved = Path(os.fspath(res["result"][0])).parent / res["ui"]["images"][0]["filename"]
-    assert saved.is_file() and saved.read_bytes() == Path(os.fspath(res["result"][0])).read_bytes()
-    for p in (path, Path(os.fspath(out2)), saved, Path(os.fspath(res["result"][0]))):
+    saved = Path(res["result"][0].get_stream_source()).parent / res["ui"]["images"][0]["filename"]
+    assert saved.is_file() and saved.read_bytes() == Path(res["result"][0].get_stream_source()).read_bytes()
+    for p in (path, Path(out2.get_stream_source()), saved, Path(res["result"][0].get_stream_source())):
         p.unlink()
 
 
@@ -264,7 +264,7 @@ def test_lipsync_video_node_signs_its_output(tmp_path, chain):
                     c2pa_key=str(tmp_path / "nokey.pem"))
     out, n = lip.lipsync(str(video), model, steps=1, watermark=False, c2pa_cert=str(chain["chain"]),
                          c2pa_key=str(chain["key"]))
-    path = Path(os.fspath(out))
+    path = Path(out.get_stream_source())
     try:
         assert n == 10 and read_tags(path)["comment"] == pv.generator_tag(False)
         r = cc.read_credentials(path, trust_anchors=chain["ca"])

@@ -208,7 +208,7 @@ def test_lipsync_plain_path(assets, model, plain_temp):
     # decode_passes reaches the pipeline: 0 is this tiny model's own (the same frames), 2 redraws the faces
     from talkformer_core.video import iter_frames
 
-    frames = lambda v: np.stack(list(iter_frames(Path(os.fspath(v)), None))).astype(np.int16)  # noqa: E731
+    frames = lambda v: np.stack(list(iter_frames(Path(v.get_stream_source()), None))).astype(np.int16)  # noqa: E731
     same, _ = NODE().lipsync(str(assets["src"]), model, steps=2, seed=0, watermark=False, decode_passes=0)
     other, _ = NODE().lipsync(str(assets["src"]), model, steps=2, seed=0, watermark=False, decode_passes=2)
     assert np.array_equal(frames(video), frames(same)) and not np.array_equal(frames(video), frames(other))
