@@ -112,7 +112,8 @@ def page(results: dict[str, dict], a: argparse.Namespace) -> str:
              "the nose length (`talkformer_core.eval.dubbing`); generated faces measured by mediapipe on the crops "
              "at 256 px.", "",
              "| clip | opening of | corr with the audio's truth ↑ | corr with the template | same, given the audio's "
-             "truth | faces: corr with the landmarks drawn | lip-shape error ↓ |", "|---|---|---|---|---|---|---|"]
+             "truth | template's weight, the audio held fixed | faces: corr with the landmarks drawn | "
+             "lip-shape error ↓ |", "|---|---|---|---|---|---|---|---|"]
     for clip, res in results.items():
         d = res["report"]["dubbing"]
         for key, name in DUB_ROWS:
@@ -120,9 +121,9 @@ def page(results: dict[str, dict], a: argparse.Namespace) -> str:
                 continue
             r = d["rows"][key]
             lines.append(f"| {clip} | {name} | {_f(r['corr_audio'])} | {_f(r['corr_template'])} | "
-                         f"{_f(r['corr_template_given_audio'])} | {_f(r.get('corr_landmarks'))} | "
-                         f"{_f(r.get('lip_shape_error'))} |")
-        lines.append(f"| {clip} | template's own lips | | | | | {_f(d['rows']['template_lips']['lip_shape_error'])} |")
+                         f"{_f(r['corr_template_given_audio'])} | {_f(r.get('template_weight'))} | "
+                         f"{_f(r.get('corr_landmarks'))} | {_f(r.get('lip_shape_error'))} |")
+        lines.append(f"| {clip} | template's own lips | | | | | | {_f(d['rows']['template_lips']['lip_shape_error'])} |")
     lines += ["", "Lip-shape error: mean distance of the 40 lip points to the new audio's true lips after a "
               "similarity alignment on the upper face, in nose lengths.", "",
               "| clip | frames | audio's truth vs template's truth | stage 1 on the template's own audio | "
