@@ -100,7 +100,7 @@ def _f(v, spec: str = ".3f") -> str:
 
 
 def page(results: dict[str, dict], a: argparse.Namespace) -> str:
-    from talkformer_core.finetune.dubbing import DUB_ROWS
+    from talkformer_core.finetune.dubbing import DUB_TABLE_HEADER, dubbing_table_rows
     from talkformer_core.finetune.holdout import report_table
 
     extra = (" --report-only" if a.report_only else "") + \
@@ -110,20 +110,9 @@ def page(results: dict[str, dict], a: argparse.Namespace) -> str:
              "per clip `python -m talkformer_core.finetune --holdout 0.4 --dubbing` (preset cpu64), trained on frames "
              "[0, 0.6); the template frames [0.8, 1.0) driven by the audio of [0.6, 0.8). Opening = inner-lip gap over "
              "the nose length (`talkformer_core.eval.dubbing`); generated faces measured by mediapipe on the crops "
-             "at 256 px.", "",
-             "| clip | opening of | corr with the audio's truth ↑ | corr with the template | same, given the audio's "
-             "truth | template's weight, the audio held fixed | faces: corr with the landmarks drawn | "
-             "lip-shape error ↓ |", "|---|---|---|---|---|---|---|---|"]
+             "at 256 px.", "", *DUB_TABLE_HEADER]
     for clip, res in results.items():
-        d = res["report"]["dubbing"]
-        for key, name in DUB_ROWS:
-            if key not in d["rows"]:
-                continue
-            r = d["rows"][key]
-            lines.append(f"| {clip} | {name} | {_f(r['corr_audio'])} | {_f(r['corr_template'])} | "
-                         f"{_f(r['corr_template_given_audio'])} | {_f(r.get('template_weight'))} | "
-                         f"{_f(r.get('corr_landmarks'))} | {_f(r.get('lip_shape_error'))} |")
-        lines.append(f"| {clip} | template's own lips | | | | | | {_f(d['rows']['template_lips']['lip_shape_error'])} |")
+        lines += dubbing_table_rows(res["report"]["dubbing"], clip)
     lines += ["", "Lip-shape error: mean distance of the 40 lip points to the new audio's true lips after a "
               "similarity alignment on the upper face, in nose lengths.", "",
               "| clip | frames | audio's truth vs template's truth | stage 1 on the template's own audio | "

@@ -182,6 +182,26 @@ DUB_ROWS = (("stage1", "stage 1 (predicted landmarks)"), ("faces", "generated fa
             ("faces_seen_template", "faces, the template taken from the training frames"), ("loudness", "loudness model"))
 
 
+DUB_TABLE_HEADER = ("| clip | opening of | corr with the audio's truth ↑ | corr with the template | same, given the "
+                    "audio | template's weight, the audio held fixed | faces: corr with the landmarks drawn | "
+                    "lip-shape error (x nose length) ↓ |", "|---|---|---|---|---|---|---|---|")
+
+
+def dubbing_table_rows(rep: dict[str, Any], clip: str) -> list[str]:
+    """One clip's rows of the dubbing table (DUB_TABLE_HEADER): each method of DUB_ROWS the report has,
+    then the template's own lips."""
+    lines = []
+    for key, name in DUB_ROWS:
+        if key not in rep["rows"]:
+            continue
+        r = rep["rows"][key]
+        lines.append(f"| {clip} | {name} | {fmt(r['corr_audio'], '.3f')} | {fmt(r['corr_template'], '.3f')} | "
+                     f"{fmt(r['corr_template_given_audio'], '.3f')} | {fmt(r.get('template_weight'), '.3f')} | "
+                     f"{fmt(r.get('corr_landmarks'), '.3f')} | {fmt(r.get('lip_shape_error'), '.3f')} |")
+    lines.append(f"| {clip} | template's own lips | | | | | | {fmt(rep['rows']['template_lips']['lip_shape_error'], '.3f')} |")
+    return lines
+
+
 def format_dubbing(rep: dict[str, Any], clip: str = "this clip") -> str:
     """Markdown: one row per method (corr with the audio's truth, with the template, the latter given
     the audio, the template's weight), lip-shape error, and the silence check."""
@@ -189,18 +209,7 @@ def format_dubbing(rep: dict[str, Any], clip: str = "this clip") -> str:
              f"{rep['audio_frames']} ({rep['frames']} frames; {rep['train_frames']} training frames; "
              f"box {rep['landmark_box']}; mouth model {'on' if rep['mouth_model'] else 'off'}; {rep['sampler']} "
              f"{rep['sampler_steps']} steps, x_T scale {rep.get('noise_scale', 1.0):g}, decode passes {rep.get('decode_refine', 0)})",
-             "| clip | opening of | corr with the audio's truth ↑ | corr with the template | same, given the audio | "
-             "template's weight, the audio held fixed | faces: corr with the landmarks drawn | "
-             "lip-shape error (x nose length) ↓ |", "|---|---|---|---|---|---|---|---|"]
-    for key, name in DUB_ROWS:
-        if key not in rep["rows"]:
-            continue
-        r = rep["rows"][key]
-        lse = r.get("lip_shape_error")
-        lines.append(f"| {clip} | {name} | {fmt(r['corr_audio'], '.3f')} | {fmt(r['corr_template'], '.3f')} | "
-                     f"{fmt(r['corr_template_given_audio'], '.3f')} | {fmt(r.get('template_weight'), '.3f')} | "
-                     f"{fmt(r.get('corr_landmarks'), '.3f')} | {fmt(lse, '.3f')} |")
-    lines.append(f"| {clip} | template's own lips | | | | | | {fmt(rep['rows']['template_lips']['lip_shape_error'], '.3f')} |")
+             *DUB_TABLE_HEADER, *dubbing_table_rows(rep, clip)]
     lines.append(f"audio's truth vs template truth: {fmt(rep['rows']['stage1']['truth_vs_template'], '.3f')}; "
                  f"stage 1 on the template's own audio: {fmt(rep['rows']['stage1_own_audio']['corr_audio'], '.3f')}")
     if "silence" in rep:
