@@ -53,7 +53,7 @@ from .analysis import (FaceAnalysis, analyze_frames, analyze_landmarks,  # stage
 from .errors import AudioError, CheckpointError, InputError, TalkFormerError, VideoError
 from .face import topology
 from .loaded_model import LoadedModel, parse_device, parse_dtype  # LoadedModel re-exported
-from .sampling import (DEFAULT_SAMPLER, DEFAULT_STEPS, FaceSampler, check_noise_scale, crops_to_tensor, initial_noise,
+from .sampling import (DEFAULT_SAMPLER, DEFAULT_STEPS, FaceSampler, check_decode_refine, check_noise_scale, crops_to_tensor, initial_noise,
                        tensor_to_crops)
 from .sampling import sample_latents as _sample_latents_talkformer  # noqa: F401  (the name tests and tools use)
 
@@ -561,8 +561,7 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
     if int(opt.steps) < 1:
         raise InputError(f"steps {opt.steps}: expected >= 1")
     check_noise_scale(opt.noise_scale)
-    if opt.decode_refine is not None and int(opt.decode_refine) < 0:
-        raise InputError(f"decode refine {opt.decode_refine}: expected >= 0 passes")
+    check_decode_refine(opt.decode_refine)
     if (opt.batch_size is not None and opt.batch_size < 1) or (opt.chunk_size is not None and opt.chunk_size < 1):
         raise InputError(f"batch_size and chunk_size must be >= 1, got {opt.batch_size}, {opt.chunk_size}")
     if out_path.suffix.lower() not in ("", ".mp4", ".m4v", ".mov", ".mkv"):

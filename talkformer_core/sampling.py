@@ -90,12 +90,18 @@ def decode_latents(model: LoadedModel, z: torch.Tensor) -> np.ndarray:
         return tensor_to_crops(model.model.decode(_in(model, z)))
 
 
+def check_decode_refine(refine: int | None) -> None:
+    """InputError unless ``refine`` is None (the model's own) or a count of passes >= 0; callers run it
+    before any long work."""
+    if refine is not None and int(refine) < 0:
+        raise InputError(f"decode refine {refine}: expected >= 0 passes")
+
+
 def decode_refine_of(model: LoadedModel, refine: int | None = None) -> int:
-    """The re-encoding passes a decode makes: ``refine`` if given, else the checkpoint's
+    """The re-encoding passes a decode makes: ``refine`` (checked) if given, else the checkpoint's
     (DiffusionConfig.decode_refine; 0 for models without it)."""
+    check_decode_refine(refine)
     if refine is not None:
-        if int(refine) < 0:
-            raise InputError(f"decode refine {refine}: expected >= 0 passes")
         return int(refine)
     cfg = getattr(model, "config", None)
     return int(getattr(cfg.model.diffusion, "decode_refine", 0)) if cfg is not None else 0

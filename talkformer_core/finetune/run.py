@@ -94,11 +94,10 @@ def validate_inputs(video: str | os.PathLike, out: str | os.PathLike, *, budget_
     if context_noise is not None and not 0.0 <= context_noise <= MAX_CONTEXT_NOISE:
         raise InputError(f"--context-noise {context_noise}: expected a noise std in latent units in "
                          f"[0, {MAX_CONTEXT_NOISE}] (0 = off)")
-    from ..sampling import check_noise_scale
+    from ..sampling import check_decode_refine, check_noise_scale
 
-    check_noise_scale(noise_scale)  # used only by the report after training: checked now
-    if decode_refine is not None and decode_refine < 0:
-        raise InputError(f"--decode-refine {decode_refine}: expected >= 0 passes")
+    check_noise_scale(noise_scale)  # used only by the reports after training: checked now
+    check_decode_refine(decode_refine)
     for name, p in (("--vae", vae), ("--init-landmarks", init_landmarks)):
         if p is not None and not Path(p).is_file():
             raise InputError(f"{name} {p}: no such file; expected a .safetensors file")
