@@ -72,6 +72,8 @@ def run_clips(clips: list[Path], work: Path, a: argparse.Namespace) -> dict[str,
                 cmd += ["--noise-scale", str(a.noise_scale)]
             if a.decode_refine is not None:
                 cmd += ["--decode-refine", str(a.decode_refine)]
+            if a.mouth_guidance is not None:
+                cmd += ["--mouth-guidance", str(a.mouth_guidance)]
             if a.threads:
                 cmd += ["--threads", str(a.threads)]
             if not a.report_only:
@@ -321,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noise-scale", type=float, default=None, help="x_T scale of the reports (default: the model's)")
     ap.add_argument("--decode-refine", type=int, default=None,
                     help="decode passes of the reports (default: the model's)")
+    ap.add_argument("--mouth-guidance", type=float, default=None,
+                    help="mouth guidance scale of the reports (default: the model's)")
     ap.add_argument("--tag", default="", help="suffix of the JSON reports' names (CLIP{tag}.json)")
     ap.add_argument("--steps", type=int, default=None, help="finetune --steps (fixed TalkFormer steps)")
     ap.add_argument("--ae-steps", type=int, default=None, help="finetune --ae-steps")

@@ -249,6 +249,19 @@ def decode_passes_option(value: Any) -> int | None:
     return None if value is None or int(value) < 0 else int(value)
 
 
+# mouth guidance (an optional input, as noise_scale): -1 = the model's own
+MOUTH_GUIDANCE_INPUT = ("FLOAT", {"default": -1.0, "min": -1.0, "max": 8.0, "step": 0.25,
+                                  "tooltip": "Guidance of the mouth toward its target landmarks, away from stage "
+                                             "1's average mouth; -1 = the model's own (0 = off for every preset). "
+                                             "Above 0 each sampler step runs the U-Net twice; it closed some "
+                                             "silent mouths and cost 1-2 dB on others (docs/dubbing.md)."})
+
+
+def mouth_guidance_option(value: Any) -> float | None:
+    """The node's mouth_guidance widget -> the core's (None = the model's own)."""
+    return None if value is None or float(value) < 0 else float(value)
+
+
 def dtype_names() -> list[str]:
     """The compute dtypes the loader offers (talkformer_core.loaded_model.DTYPE_CHOICES)."""
     from talkformer_core.loaded_model import DTYPE_CHOICES

@@ -8,6 +8,7 @@ from ._common import (
     DECODE_PASSES_INPUT,
     FACE_TRACK_INPUT,
     MODEL_INPUT,
+    MOUTH_GUIDANCE_INPUT,
     NOISE_SCALE_INPUT,
     TALKFORMER_AUDIO,
     TALKFORMER_LANDMARKS,
@@ -16,6 +17,7 @@ from ._common import (
     check_interrupt,
     decode_passes_option,
     image_to_uint8,
+    mouth_guidance_option,
     noise_scale_option,
     sampler_inputs,
     uint8_to_image,
@@ -165,16 +167,18 @@ class TalkFormerSampler:
                 "eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                   "tooltip": "Stochasticity: 0 deterministic (DDIM / DPM-Solver++), 1 ancestral."}),
             },
-            "optional": {"noise_scale": NOISE_SCALE_INPUT, "decode_passes": DECODE_PASSES_INPUT},
+            "optional": {"noise_scale": NOISE_SCALE_INPUT, "decode_passes": DECODE_PASSES_INPUT,
+                         "mouth_guidance": MOUTH_GUIDANCE_INPUT},
         }
 
     def sample(self, model: Any, images: Any, face_track: Any, landmarks: Any, reference: Any,
                steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER, seed: int = 0, eta: float = 0.0,
-               noise_scale: float = -1.0, decode_passes: int = -1):
+               noise_scale: float = -1.0, decode_passes: int = -1, mouth_guidance: float = -1.0):
         import numpy as np
 
         from talkformer_core.face.track import crop_frame
-        from talkformer_core.sampling import FaceSampler, auto_batch_size
+        from talkformer_core.pipeline import stage1_neutral_mouth
+        from talkformer_core.sampling import FaceSampler, auto_batch_size, mouth_guidance_of
 
         analysis = face_track
         track = analysis.track
@@ -192,9 +196,12 @@ class TalkFormerSampler:
             done[0] += 1
             bar.update(done[0], latest[0] if i == 0 else None)  # interrupt point
 
+        guidance = mouth_guidance_option(mouth_guidance)
+        neutral = stage1_neutral_mouth(loaded, analysis) if mouth_guidance_of(loaded, guidance) > 0 else None
         fs = FaceSampler(loaded, reference, steps=int(steps), sampler=sampler, seed=int(seed), eta=float(eta),
                          noise_scale=noise_scale_option(noise_scale), decode_refine=decode_passes_option(decode_passes),
-                         batch_size=auto_batch_size(loaded), step_callback=step)
+                         batch_size=auto_batch_size(loaded), step_callback=step, mouth_guidance=guidance,
+                         neutral_mouth=neutral)
         done, bar = [0], Progress(max(1, fs.num_runs(len(crops)) * int(steps)))
         faces = fs(crops, lms, on_faces=lambda b0, f: latest.__setitem__(0, f[-1]))
         bar.update(bar.total, faces[-1])

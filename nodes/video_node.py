@@ -41,8 +41,9 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ._common import (CATEGORY, DECODE_PASSES_INPUT, FEATHER_INPUT, MODEL_INPUT, NOISE_SCALE_INPUT, Progress, audio_input, check_interrupt,
-                      comfy_module, decode_passes_option, length_modes, noise_scale_option, sampler_inputs)
+from ._common import (CATEGORY, DECODE_PASSES_INPUT, FEATHER_INPUT, MODEL_INPUT, MOUTH_GUIDANCE_INPUT, NOISE_SCALE_INPUT, Progress, audio_input, check_interrupt,
+                      comfy_module, decode_passes_option, length_modes, mouth_guidance_option, noise_scale_option,
+                      sampler_inputs)
 from .generate_nodes import DEFAULT_SAMPLER, DEFAULT_STEPS
 
 OUTPUT_PREFIX = "talkformer_lipsync"
@@ -236,20 +237,23 @@ class TalkFormerLipSyncVideo:
                 "c2pa_key": ("STRING", {"default": "", "tooltip": "Path of the certificate's PEM private key."}),
                 "noise_scale": NOISE_SCALE_INPUT,
                 "decode_passes": DECODE_PASSES_INPUT,
+                "mouth_guidance": MOUTH_GUIDANCE_INPUT,
             },
         }
 
     def lipsync(self, video: Any, model: Any, steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER, seed: int = 0,
                 length_mode: str = "pingpong", face_index: int = -1, reference_frame: int = -1,
                 feather: int = -1, watermark: bool = True, audio: Any = None, iplap_references: int = 25,
-                c2pa_cert: str = "", c2pa_key: str = "", noise_scale: float = -1.0, decode_passes: int = -1):
+                c2pa_cert: str = "", c2pa_key: str = "", noise_scale: float = -1.0, decode_passes: int = -1,
+                mouth_guidance: float = -1.0):
         from talkformer_core import pipeline
         from talkformer_core.errors import AudioError
         from talkformer_core.video import probe_video
 
         options = pipeline.SyncOptions(
             steps=int(steps), sampler=str(sampler), seed=int(seed), noise_scale=noise_scale_option(noise_scale),
-            decode_refine=decode_passes_option(decode_passes), length_mode=str(length_mode),
+            decode_refine=decode_passes_option(decode_passes), mouth_guidance=mouth_guidance_option(mouth_guidance),
+            length_mode=str(length_mode),
             face_index=None if int(face_index) < 0 else int(face_index),
             reference_frame=None if int(reference_frame) < 0 else int(reference_frame),
             feather=None if int(feather) < 0 else int(feather),

@@ -117,6 +117,11 @@ class DiffusionConfig:
     # encoder's receptive field, and the decoder draws it back. decode_refine = k re-encodes the crop
     # with its lower half replaced by the decoded one, k times, before the final decode; 0 = once.
     decode_refine: int = 0
+    # mouth guidance (sampling.MouthGuidance, classifier-free guidance with stage 1's average mouth as
+    # the unconditional input): eps(L) + w (eps(L) - eps(L_neutral)); 0 = off (one U-Net pass a step),
+    # w > 0 = two. Off in every preset: on face_5 w = 1 closed the silent mouth further (0.117 -> 0.077)
+    # at the same PSNR, on face_4 / KatieHill it cost 1.0 / 2.0 dB (docs/dubbing.md, "Mouth guidance")
+    mouth_guidance: float = 0.0
 
 
 @dataclass

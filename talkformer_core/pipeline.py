@@ -53,7 +53,8 @@ from .analysis import (FaceAnalysis, analyze_frames, analyze_landmarks,  # stage
 from .errors import AudioError, CheckpointError, InputError, TalkFormerError, VideoError
 from .face import topology
 from .loaded_model import LoadedModel, parse_device, parse_dtype  # LoadedModel re-exported
-from .sampling import (DEFAULT_SAMPLER, DEFAULT_STEPS, FaceSampler, check_decode_refine, check_noise_scale, crops_to_tensor, initial_noise,
+from .sampling import (DEFAULT_SAMPLER, DEFAULT_STEPS, FaceSampler, check_decode_refine, check_mouth_guidance,
+                       check_noise_scale, crops_to_tensor, initial_noise,
                        tensor_to_crops)
 from .sampling import sample_latents as _sample_latents_talkformer  # noqa: F401  (the name tests and tools use)
 
@@ -287,6 +288,33 @@ def landmarks_to_crop(analysis: FaceAnalysis, landmarks_box: np.ndarray,
                                 analysis.boxes[idx]).astype(np.float32)
 
 
+def stage1_neutral_mouth(model: LoadedModel, analysis: FaceAnalysis,
+                         frame_indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    """The unconditional mouth of mouth guidance (sampling.MouthGuidance), (57, 2) crop frame about its
+    centroid: stage 1's own average mouth, so that target minus neutral is only what stage 1 asked
+    beyond it. The fitted mouth model's jaw and lips at the person's mean opening (its training
+    frames' mean), else the template's tracked mean, in the box frame; placed on the template frames'
+    poses (``landmarks_to_crop``, as stage 1's output is) and averaged (sampling.neutral_mouth). Not the
+    template's tracked mouths in the crop frame: on held-out frames whose head turns, their shape is
+    narrower than any stage 1 draws, and guidance amplified that difference (docs/dubbing.md)."""
+    from .sampling import neutral_mouth
+
+    box = model.config.model.landmark_box
+    idx = np.arange(analysis.num_frames) if frame_indices is None else np.asarray(frame_indices, np.int64)
+    idx = idx[analysis.found[idx]]
+    if len(idx) == 0:
+        raise InputError("mouth guidance: no template frame has a face to place the neutral mouth on")
+    content = list(topology.CONTENT_POS)
+    mouth = getattr(getattr(model, "landmark", None), "mouth", None)
+    if mouth is not None and mouth.is_fitted:
+        mean = mouth.mean_content()
+    else:
+        mean = analysis.points_box(np.flatnonzero(analysis.found), box)[:, content].mean(0)
+    lm_box = analysis.points_box(idx, box).copy()
+    lm_box[:, content] = mean
+    return neutral_mouth(landmarks_to_crop(analysis, lm_box, idx, box))
+
+
 # ----------------------------------------------------------------------------------------------
 # stage 2: diffusion inpainting of the lower face
 
@@ -319,7 +347,8 @@ def sample_faces(model: LoadedModel, crops: np.ndarray, landmarks_crop: np.ndarr
                  steps: int = 25, sampler: str = "ddim", seed: int = 0, eta: float = 0.0,
                  callback: Callable[[int, int], None] | None = None, noise: torch.Tensor | None = None,
                  batch_size: int | None = None, motion: torch.Tensor | None = None, noise_scale: float | None = None,
-                 decode_refine: int | None = None, **chains: Any) -> np.ndarray:
+                 decode_refine: int | None = None, mouth_guidance: float | None = None,
+                 neutral_mouth: np.ndarray | None = None, **chains: Any) -> np.ndarray:
     """Generate the lower face of each crop. crops (B, S, S, 3) uint8 (the template's face crops),
     landmarks_crop (B, 131, 2) target landmarks in the crop frame, reference: ``encode_reference``'s
     cache -> (B, S, S, 3) uint8 generated crops (upper half: the autoencoder's reconstruction).
@@ -328,13 +357,16 @@ def sample_faces(model: LoadedModel, crops: np.ndarray, landmarks_crop: np.ndarr
     ``noise`` (1, C, h, w): the shared x_T (default: drawn from ``seed`` and scaled by ``noise_scale``,
     default the model's; every frame gets the same, so identical inputs give identical faces). ``callback(step, num_steps)`` runs after every
     sampler step; raise from it to stop. ``batch_size`` splits B (default: all at once).
-    ``decode_refine``: re-encoding passes of the decode (sampling.decode_faces; None = the model's). With
+    ``decode_refine``: re-encoding passes of the decode (sampling.decode_faces; None = the model's).
+    ``mouth_guidance``: the MouthGuidance scale (None = the model's); > 0 needs ``neutral_mouth``
+    (``stage1_neutral_mouth``). With
     temporal attention: ``motion`` the first clip's motion frames, ``chains`` (segment, overlap,
     crossfade) the parallel chains (sampling.FaceSampler, the one batch loop this calls).
     """
     fs = FaceSampler(model, reference, steps=steps, sampler=sampler, seed=seed, eta=eta, noise=noise,
                      noise_scale=noise_scale, batch_size=batch_size, step_callback=callback,
-                     decode_refine=decode_refine, **chains)
+                     decode_refine=decode_refine, mouth_guidance=mouth_guidance, neutral_mouth=neutral_mouth,
+                     **chains)
     fs.motion = motion
     return fs(crops, landmarks_crop)
 
@@ -369,6 +401,7 @@ class SyncOptions:
     seed: int = 0
     noise_scale: float | None = None  # x_T's scale; None = the model's (DiffusionConfig.noise_scale)
     decode_refine: int | None = None  # re-encoding passes of the decode; None = the model's (DiffusionConfig.decode_refine)
+    mouth_guidance: float | None = None  # sampling.MouthGuidance's scale; None = the model's (DiffusionConfig.mouth_guidance)
     reference_frame: int | None = None  # template frame (25 fps) for the R-Align reference; None = auto
     face_index: int | None = None  # None = largest face
     length_mode: str = "pingpong"  # pingpong | loop | trim
@@ -562,6 +595,7 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
         raise InputError(f"steps {opt.steps}: expected >= 1")
     check_noise_scale(opt.noise_scale)
     check_decode_refine(opt.decode_refine)
+    check_mouth_guidance(opt.mouth_guidance)
     if (opt.batch_size is not None and opt.batch_size < 1) or (opt.chunk_size is not None and opt.chunk_size < 1):
         raise InputError(f"batch_size and chunk_size must be >= 1, got {opt.batch_size}, {opt.chunk_size}")
     if out_path.suffix.lower() not in ("", ".mp4", ".m4v", ".mov", ".mkv"):
@@ -626,10 +660,15 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
         del ref_frame
         from .sampling import auto_batch_size
 
+        from .sampling import mouth_guidance_of
+
         bs = opt.batch_size or auto_batch_size(model)
+        neutral = (stage1_neutral_mouth(model, analysis, plan)  # the unconditional mouth of the guidance
+                   if mouth_guidance_of(model, opt.mouth_guidance) > 0 else None)
         face_sampler = FaceSampler(model, reference, steps=int(opt.steps), sampler=opt.sampler, seed=opt.seed,
                                    eta=float(opt.eta), noise_scale=opt.noise_scale, batch_size=bs,
-                                   step_callback=lambda i, n: step_cb(i, n), decode_refine=opt.decode_refine)
+                                   step_callback=lambda i, n: step_cb(i, n), decode_refine=opt.decode_refine,
+                                   mouth_guidance=opt.mouth_guidance, neutral_mouth=neutral)
     else:  # whole-frame renderer (IP-LAP): reads its reference frames once, here
         render_frames = frame_renderer(model, analysis, aud, plan,
                                        lambda t: _read_template(video, image, int(t), 1)[0], opt)

@@ -129,6 +129,80 @@ def decode_faces(model: LoadedModel, z: torch.Tensor, crops: np.ndarray, refine:
     return faces
 
 
+def check_mouth_guidance(scale: float | None) -> None:
+    """InputError unless ``scale`` is None (the model's own) or a finite number >= 0; callers run it
+    before any long work."""
+    if scale is not None and not (math.isfinite(float(scale)) and float(scale) >= 0):
+        raise InputError(f"mouth guidance {scale}: expected a number >= 0 (0 = off)")
+
+
+def mouth_guidance_of(model: LoadedModel, scale: float | None = None) -> float:
+    """``scale`` (checked) if given, else the checkpoint's (DiffusionConfig.mouth_guidance; 0 for
+    models without it and for renderers that are not the diffusion stage)."""
+    check_mouth_guidance(scale)
+    if scale is not None:
+        return float(scale)
+    cfg = getattr(model, "config", None)
+    return float(getattr(cfg.model.diffusion, "mouth_guidance", 0.0)) if cfg is not None else 0.0
+
+
+def neutral_mouth(points_crop: np.ndarray) -> np.ndarray:
+    """Landmarks (T, 131, 2) (crop frame [0, 1]; rows with NaN skipped) -> (57, 2): their mean
+    jaw-and-lips shape about its own centroid, the "unconditional" mouth of mouth guidance (what
+    pipeline.stage1_neutral_mouth reduces stage 1's average mouth with). One shape for the whole
+    video: it carries none of a frame's own mouth."""
+    from .face import topology
+
+    pts = np.asarray(points_crop, dtype=np.float64)
+    if pts.ndim != 3 or pts.shape[1:] != (131, 2):
+        raise InputError(f"neutral mouth: expected tracked landmarks (T, 131, 2), got {pts.shape}")
+    c = pts[:, list(topology.CONTENT_POS)]  # (T, 57, 2)
+    c = c[np.isfinite(c).all(axis=(1, 2))]
+    if len(c) == 0:
+        raise InputError("neutral mouth: no frame of the template has tracked landmarks")
+    return (c - c.mean(1, keepdims=True)).mean(0).astype(np.float32)
+
+
+def neutral_landmarks(landmarks: torch.Tensor, neutral: torch.Tensor) -> torch.Tensor:
+    """Target landmarks (N, 131, 2) with the jaw and lips (the 57 content points) replaced by the
+    neutral mouth (57, 2), placed on each frame's own content centroid: the pose stays the frame's."""
+    from .face import topology
+
+    idx = torch.as_tensor(topology.CONTENT_POS, device=landmarks.device)
+    out = landmarks.clone()
+    own = landmarks[:, idx]  # (N, 57, 2)
+    out[:, idx] = neutral.to(landmarks)[None] + own.mean(1, keepdim=True)
+    return out
+
+
+@dataclass(frozen=True)
+class MouthGuidance:
+    """Classifier-free guidance on the mouth (Ho & Salimans 2022, eq. 6, with the unconditional input
+    replaced by the person's neutral mouth): eps = eps(L) + scale * (eps(L) - eps(L_neutral)), where
+    L_neutral is L with its jaw and lips replaced by ``neutral`` (``neutral_landmarks``). It amplifies
+    what the target mouth asks beyond the person's average one, against the template's upper face
+    (which pulls the U-Net's lower latent toward the template's own mouth, docs/dubbing.md). Two U-Net
+    passes a step, one after the other: the batch (and its memory) stays what auto_batch_size chose."""
+
+    scale: float
+    neutral: torch.Tensor  # (57, 2) crop frame, about its centroid
+
+
+def make_guidance(model: LoadedModel, scale: float | None, neutral: np.ndarray | None) -> MouthGuidance | None:
+    """The sampler's MouthGuidance, or None when the scale (``scale``, else the model's) is 0. A scale
+    > 0 needs the ``neutral`` mouth (pipeline.stage1_neutral_mouth): InputError without it."""
+    w = mouth_guidance_of(model, scale) if model.kind == "talkformer" else 0.0
+    if w == 0:
+        return None
+    if neutral is None:
+        raise InputError(f"mouth guidance {w:g} needs the neutral mouth (pipeline.stage1_neutral_mouth of the "
+                         "template's face analysis); pass it, or set the guidance to 0")
+    n = np.asarray(neutral, dtype=np.float32)
+    if n.shape != (57, 2) or not np.isfinite(n).all():
+        raise InputError(f"neutral mouth: expected finite (57, 2), got {n.shape}")
+    return MouthGuidance(w, torch.as_tensor(n, device=model.device))
+
+
 def _fmt(model: LoadedModel, x: torch.Tensor) -> torch.Tensor:
     """x in channels_last when the model runs so (LoadedModel.channels_last), else untouched: the
     CPU path's convolutions see exactly the strides they always saw (its numbers stay bit-equal)."""
@@ -283,12 +357,28 @@ def _encode_known(model: LoadedModel, crops: np.ndarray) -> tuple[torch.Tensor, 
     return known, upper  # strides as the encoder made them: the CPU numbers depend on them
 
 
-def _model_fn(model: LoadedModel, lc: Any, reference: Any, mc: Any = None, num_frames: int = 1):
+def _landmark_caches(model: LoadedModel, lms: torch.Tensor, guidance: MouthGuidance | None) -> tuple[Any, Any]:
+    """The step-invariant M-Align caches of the target landmarks and, with guidance, of their neutral
+    twins (None without)."""
+    tf = model.model
+    with _net_ctx(model):
+        lc = tf.prepare_landmarks(lms)
+        lcn = None if guidance is None else tf.prepare_landmarks(neutral_landmarks(lms, guidance.neutral))
+    return lc, lcn
+
+
+def _model_fn(model: LoadedModel, lc: Any, reference: Any, mc: Any = None, num_frames: int = 1,
+              lc_neutral: Any = None, guidance: MouthGuidance | None = None):
     unet = getattr(model, "compiled_unet", None) or model.model.unet
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with _net_ctx(model):
-            return unet(_in(model, x), t, lc, reference, motion=mc, num_frames=num_frames).float()
+            xi = _in(model, x)
+            eps = unet(xi, t, lc, reference, motion=mc, num_frames=num_frames).float()
+            if guidance is not None:  # MouthGuidance: eps(L) + w (eps(L) - eps(L_neutral))
+                eps_n = unet(xi, t, lc_neutral, reference, motion=mc, num_frames=num_frames).float()
+                eps = eps + guidance.scale * (eps - eps_n)
+            return eps
 
     return model_fn
 
@@ -297,7 +387,8 @@ def _model_fn(model: LoadedModel, lc: Any, reference: Any, mc: Any = None, num_f
 def sample_latents(model: LoadedModel, crops: np.ndarray, landmarks_crop: np.ndarray, reference: Any,
                    steps: int, sampler: str, noise: torch.Tensor, eta: float,
                    step_callback: StepCallback | None, generator: torch.Generator | None,
-                   motion: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   motion: torch.Tensor | None, guidance: MouthGuidance | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One batch -> (x0 latents (B, C, h, w) fp32, the motion latents for the next call or None).
 
     The returned latents are what ``decode_latents`` decodes: the generated lower half under the
@@ -310,16 +401,17 @@ def sample_latents(model: LoadedModel, crops: np.ndarray, landmarks_crop: np.nda
 
     With temporal attention the B frames are ONE serial chain of clips of L (the last padded by
     repeating its last frame), ``motion`` (M, C, h, w) the first clip's motion frames (None: the
-    video's first clip); ``FaceSampler`` runs many such chains in parallel.
+    video's first clip); ``FaceSampler`` runs many such chains in parallel. ``guidance``: MouthGuidance
+    or None.
     """
     known, upper = _encode_known(model, crops)
     lms = torch.as_tensor(landmarks_crop, dtype=torch.float32, device=model.device)
     if not model.config.model.temporal_attention:
         return _run_independent(model, known, upper, lms, reference, steps, sampler, noise, eta,
-                                step_callback, generator), None
+                                step_callback, generator, guidance), None
     chain = _Chain(list(range(crops.shape[0])), motion, model.sequence_length)
     runner = _ChainRunner(model, known, upper, lms, reference, steps, sampler, noise, eta, step_callback,
-                          generator)
+                          generator, guidance)
     while not chain.done:
         runner.advance([chain])
     return chain.latents(), chain.motion
@@ -333,7 +425,8 @@ _RENDERERS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor | None]]] =
 }
 
 
-def _run_independent(model, known, upper, lms, reference, steps, sampler, noise, eta, step_callback, generator):
+def _run_independent(model, known, upper, lms, reference, steps, sampler, noise, eta, step_callback, generator,
+                     guidance=None):
     from .diffusion import get_sampler
 
     fn = get_sampler(sampler)
@@ -341,10 +434,9 @@ def _run_independent(model, known, upper, lms, reference, steps, sampler, noise,
     h, w = known.shape[2:]
     mask = model.model.known_mask(h, w, device=dev).bool()  # (1, 1, h, w) upper half
     cb = None if step_callback is None else (lambda i, n, x, x0: step_callback(i, n))
-    with _net_ctx(model):
-        lc = model.model.prepare_landmarks(lms)  # step-invariant M-Align K/V, once per frame
+    lc, lcn = _landmark_caches(model, lms, guidance)  # step-invariant M-Align K/V, once per frame
     x_T = noise.to(dev, torch.float32).expand(B, -1, -1, -1).contiguous()
-    out = fn(_model_fn(model, lc, reference), x_T, model.schedule, steps, known=known, known_mask=mask, eta=eta,
+    out = fn(_model_fn(model, lc, reference, lc_neutral=lcn, guidance=guidance), x_T, model.schedule, steps, known=known, known_mask=mask, eta=eta,
              callback=cb, generator=generator)
     return torch.where(mask, upper, out)
 
@@ -381,7 +473,8 @@ def _runs(chains: list[_Chain]) -> list[list[_Chain]]:
 class _ChainRunner:
     """Runs one sampler run over a group of chains (one clip each), batch = len(group) x L."""
 
-    def __init__(self, model, known, upper, lms, reference, steps, sampler, noise, eta, step_callback, generator):
+    def __init__(self, model, known, upper, lms, reference, steps, sampler, noise, eta, step_callback, generator,
+                 guidance=None):
         from .diffusion import get_sampler
 
         self.model, self.known, self.upper, self.lms, self.reference = model, known, upper, lms, reference
@@ -392,6 +485,7 @@ class _ChainRunner:
         self.mask = model.model.known_mask(h, w, device=model.device).bool()  # (1, 1, h, w) upper half
         self.x_T = noise.to(model.device, torch.float32)
         self.cb = None if step_callback is None else (lambda i, n, x, x0: step_callback(i, n))
+        self.guidance = guidance
 
     def advance(self, chains: list[_Chain]) -> None:
         for group in _runs(chains):
@@ -404,12 +498,12 @@ class _ChainRunner:
             s = c.frames[c.clip * L:(c.clip + 1) * L]
             n_real.append(len(s))
             sel += s + [s[-1]] * (L - len(s))  # the last clip padded by repeating its last frame
+        lc, lcn = _landmark_caches(self.model, self.lms[sel], self.guidance)
         with _net_ctx(self.model):
-            lc = tf.prepare_landmarks(self.lms[sel])
             mc = (None if group[0].motion is None
                   else tf.prepare_motion(torch.stack([c.motion for c in group]).to(self.model.device)))
         x_T = self.x_T.expand(len(sel), -1, -1, -1).contiguous()
-        x0 = self.fn(_model_fn(self.model, lc, self.reference, mc, L), x_T, self.model.schedule, self.steps,
+        x0 = self.fn(_model_fn(self.model, lc, self.reference, mc, L, lcn, self.guidance), x_T, self.model.schedule, self.steps,
                      known=self.known[sel], known_mask=self.mask, eta=self.eta, callback=self.cb,
                      generator=self.generator)
         for j, c in enumerate(group):
@@ -451,13 +545,16 @@ class FaceSampler:
     True blends them with the previous chain's instead (linear weights in latent space).
     ``step_callback(i, n)`` after every sampler step of every run; raise from it to stop.
     ``speed``: SpeedOptions (default: automatic, i.e. on for CUDA; nothing changes on the CPU).
+    ``mouth_guidance``: the MouthGuidance scale (None = the model's, DiffusionConfig.mouth_guidance);
+    a scale > 0 needs ``neutral_mouth`` (57, 2), pipeline.stage1_neutral_mouth of the template.
     """
 
     def __init__(self, model: LoadedModel, reference: Any, *, steps: int = 25, sampler: str = "ddim",
                  seed: int = 0, eta: float = 0.0, noise: torch.Tensor | None = None, noise_scale: float | None = None,
                  batch_size: int | None = None, segment: int | None = None, overlap: int | None = None,
                  crossfade: bool = False, step_callback: StepCallback | None = None,
-                 speed: SpeedOptions | None = None, decode_refine: int | None = None):
+                 speed: SpeedOptions | None = None, decode_refine: int | None = None,
+                 mouth_guidance: float | None = None, neutral_mouth: np.ndarray | None = None):
         from .diffusion import get_sampler
 
         get_sampler(sampler)  # unknown names fail here
@@ -470,6 +567,7 @@ class FaceSampler:
         self.seed = int(seed)
         self.noise = initial_noise(model, seed, noise_scale) if noise is None else noise
         self.decode_refine = decode_refine_of(model, decode_refine) if model.kind == "talkformer" else 0
+        self.guidance = make_guidance(model, mouth_guidance, neutral_mouth)
         self.generator = torch.Generator(device=model.device).manual_seed(self.seed) if eta > 0 else None
         self.batch_size = None if batch_size is None else int(batch_size)
         self.temporal = model.kind == "talkformer" and bool(model.config.model.temporal_attention)
@@ -526,7 +624,7 @@ class FaceSampler:
         del enc
         lms = torch.as_tensor(landmarks_crop, dtype=torch.float32, device=model.device)
         runner = _ChainRunner(model, known, upper, lms, self.reference, self.steps, self.sampler, self.noise,
-                              self.eta, self.step_callback, self.generator)
+                              self.eta, self.step_callback, self.generator, self.guidance)
         segs = self.segments(T)
         per_run = max(1, bs // L)
         out = torch.empty_like(known)
@@ -579,7 +677,8 @@ class FaceSampler:
         render = _RENDERERS[model.kind]
         for b0 in range(0, T, bs):
             z, _ = render(model, crops[b0:b0 + bs], landmarks_crop[b0:b0 + bs], self.reference, self.steps,
-                          self.sampler, self.noise, self.eta, self.step_callback, self.generator, None)
+                          self.sampler, self.noise, self.eta, self.step_callback, self.generator, None,
+                          guidance=self.guidance)
             out.append(decode_faces(model, z, crops[b0:b0 + bs], self.decode_refine))
             if on_faces is not None:
                 on_faces(b0, out[-1])

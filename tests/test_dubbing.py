@@ -192,6 +192,16 @@ def test_mouth_model_follows_new_speech_on_another_clips_frames(clips, tmp_path)
     quiet = landmarks_to_crop(b, complete_landmarks(model, b, sil, idx, references=refs), idx, model)
     closed = D.closed_threshold(D.mouth_opening(clips["A"].points478))
     assert D.mouth_opening(quiet).max() <= closed
+    # mouth guidance's neutral mouth: the mouth model's mean is its training frames' mean, and placed on
+    # B's frames it opens between the silent mouth and the widest one stage 1 drew for the speech
+    from talkformer_core.pipeline import stage1_neutral_mouth
+    from talkformer_core.sampling import neutral_landmarks
+
+    assert np.allclose(net.mouth.mean_content(), content.mean(0), atol=1e-5)
+    neutral = stage1_neutral_mouth(model, b)
+    assert neutral.shape == (57, 2) and np.allclose(neutral.mean(0), 0, atol=1e-6)
+    o_n = D.mouth_opening(neutral_landmarks(torch.as_tensor(pred), torch.as_tensor(neutral)).numpy())
+    assert D.mouth_opening(quiet).max() < o_n.min() and o_n.max() < o.max(), (o_n, o.max())
     # an unfitted mouth model leaves stage 1 to the transformer
     net2 = LandmarkCompletion(cfg.model.landmark).eval()
     m2 = LoadedModel("talkformer", cfg, types.SimpleNamespace(landmark=net2), None, torch.device("cpu"), torch.float32)

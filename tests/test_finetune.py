@@ -61,6 +61,8 @@ def test_cli_rejects_bad_inputs_with_clear_errors(videos, tmp_path, capsys):
         (["--video", str(d / "talk.mp4"), "--out", out, "--resume"], "no earlier run"),
         (["--video", str(d / "talk.mp4"), "--out", out, "--holdout", "0.4", "--noise-scale", "-0.5"], "noise scale -0.5"),
         (["--video", str(d / "talk.mp4"), "--out", out, "--holdout", "0.4", "--decode-refine", "-1"], "decode refine -1"),
+        (["--video", str(d / "talk.mp4"), "--out", out, "--holdout", "0.4", "--mouth-guidance", "-1"], "mouth guidance -1"),
+        (["--video", str(d / "talk.mp4"), "--out", out, "--holdout", "0.4", "--mouth-guidance", "nan"], "mouth guidance nan"),
         (["--video", str(d / "talk.mp4"), "--out", out, "--turn-augment", "0.5"], "--turn-augment 0.5"),
         (["--video", str(d / "talk.mp4"), "--out", out, "--turn-augment", "-0.1"], "--turn-augment -0.1"),
         (["--video", str(d / "talk.mp4"), "--out", out, "--context-noise", "-1"], "--context-noise -1"),

@@ -287,6 +287,10 @@ def test_model_chain(checkpoint, images, audio, track):
     (g0,) = sampler.sample(model, images, analysis, lms, ref_auto, decode_passes=0, **kw)
     (g2,) = sampler.sample(model, images, analysis, lms, ref_auto, decode_passes=2, **kw)
     assert torch.equal(a, g0) and not torch.equal(a, g2)
+    # mouth_guidance: -1 (the default) = the model's own (0 for this tiny config)
+    assert sampler.INPUT_TYPES()["optional"]["mouth_guidance"][1]["default"] == -1.0
+    (m0,) = sampler.sample(model, images, analysis, lms, ref_auto, mouth_guidance=0.0, **kw)
+    assert torch.equal(a, m0)
     # the reference image is what R-Align reads. An untrained checkpoint's zero-initialised output
     # projections make R-Align add exactly zero, so a second copy gets weights there first; then two
     # reference images give different mouths, with the same seed, and the change is in the lower
@@ -306,6 +310,11 @@ def test_model_chain(checkpoint, images, audio, track):
     # measured: mean change 0.0045 in the lower half (about 1.2 levels of 255),
     # 0.0005 in the upper half (the decoder's spread across the middle rows)
     assert lower > 0.002 and lower > 4 * upper, (lower, upper)
+    # mouth guidance (stage 1's neutral mouth from the face track) redraws the faces of a model whose
+    # landmarks matter
+    ref_live = enc.encode(live, analysis, images, 0, reference_image=images[3:4])[0]
+    (m2,) = sampler.sample(live, images, analysis, lms, ref_live, mouth_guidance=2.0, **kw)
+    assert not torch.equal(outs[0], m2)
     (out,) = node("TalkFormerBlendFace").blend(images, a, analysis, -1)
     assert out.shape == images.shape
 

@@ -249,6 +249,8 @@ def test_sync_cli_face_index(two_faces, tmp_path, capsys):
     assert rc == 2 and "--face-index -2: expected -1" in err, err
     rc, err = _main("sync", base + ["--out", str(tmp_path / "c.mp4"), "--decode-refine", "-1"], capsys)
     assert rc == 2 and "decode refine -1: expected >= 0 passes" in err, err  # before the work: no output
+    rc, err = _main("sync", base + ["--out", str(tmp_path / "d.mp4"), "--mouth-guidance", "-0.5"], capsys)
+    assert rc == 2 and "mouth guidance -0.5: expected a number >= 0" in err, err
     from talkformer_core.sync import build_parser
 
     assert build_parser().parse_args(base + ["--out", "o.mp4"]).face_index == -1  # the default: the largest

@@ -188,6 +188,8 @@ def test_node_definition():
     assert video_node.noise_scale_option(-1.0) is None and video_node.noise_scale_option(0.5) == 0.5
     assert spec["optional"]["decode_passes"][1]["default"] == -1  # the model's own
     assert video_node.decode_passes_option(-1) is None and video_node.decode_passes_option(3) == 3
+    assert spec["optional"]["mouth_guidance"][1]["default"] == -1.0  # the model's own
+    assert video_node.mouth_guidance_option(-1.0) is None and video_node.mouth_guidance_option(1.5) == 1.5
     assert NODE.RETURN_TYPES == ("VIDEO", "INT")
     assert set(spec["required"]) >= {"steps", "sampler", "seed", "length_mode", "face_index", "reference_frame",
                                       "feather", "watermark"}
@@ -212,6 +214,21 @@ def test_lipsync_plain_path(assets, model, plain_temp):
     same, _ = NODE().lipsync(str(assets["src"]), model, steps=2, seed=0, watermark=False, decode_passes=0)
     other, _ = NODE().lipsync(str(assets["src"]), model, steps=2, seed=0, watermark=False, decode_passes=2)
     assert np.array_equal(frames(video), frames(same)) and not np.array_equal(frames(video), frames(other))
+    # mouth_guidance likewise: 0 is this model's own; 2 (stage 1's neutral mouth from the video's track)
+    # redraws the faces of a copy whose zero-initialised projections got weights (landmarks matter)
+    same, _ = NODE().lipsync(str(assets["src"]), model, steps=2, seed=0, watermark=False, mouth_guidance=0.0)
+    assert np.array_equal(frames(video), frames(same))
+    import torch
+
+    (live,) = pack.NODE_CLASS_MAPPINGS["TalkFormerModelLoader"]().load(str(assets["ckpt"]), "fp32")
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for prm in live.load().model.parameters():
+            if not prm.any():
+                prm.copy_(torch.randn(prm.shape, generator=g) * 0.1)
+    off, _ = NODE().lipsync(str(assets["src"]), live, steps=2, seed=0, watermark=False, mouth_guidance=0.0)
+    on, _ = NODE().lipsync(str(assets["src"]), live, steps=2, seed=0, watermark=False, mouth_guidance=2.0)
+    assert not np.array_equal(frames(off), frames(on))
 
 
 def test_explicit_audio_sets_length_and_track(assets, model, plain_temp):

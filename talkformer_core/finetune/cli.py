@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "as sync does: 0.5 for the person presets)")
     ap.add_argument("--decode-refine", type=int, default=None,
                     help="hold-out report: re-encoding passes of the decode (default: the model's, as sync does: "
-                         "2 for the person presets)")
+                         "4 for the person presets)")
+    ap.add_argument("--mouth-guidance", type=float, default=None,
+                    help="hold-out report: the mouth guidance scale (default: the model's, as sync does: 0 = off)")
     ap.add_argument("--dubbing", action="store_true",
                     help="with --holdout F: also the dubbing report, the held-out part's second half driven by the "
                          "audio of its first (F = 0.4: frames [0.8, 1) by the audio of [0.6, 0.8); docs/dubbing.md)")
@@ -84,11 +86,13 @@ def _report_only(a: argparse.Namespace) -> int:
         return error(f"--report-only: no finished run in {work} for {a.video}")
     holdout = float(st["holdout"]) if not a.holdout else a.holdout
     rep = holdout_report(a.out, shards[0], holdout, device=a.device, vae=a.vae, steps=a.sampler_steps,
-                         seed=a.seed, noise_scale=a.noise_scale, decode_refine=a.decode_refine)
+                         seed=a.seed, noise_scale=a.noise_scale, decode_refine=a.decode_refine,
+                         mouth_guidance=a.mouth_guidance)
     print(format_report(rep))
     if a.dubbing:
         rep["dubbing"] = dubbing_report(a.out, shards[0], holdout, device=a.device, vae=a.vae, steps=a.sampler_steps,
-                                        seed=a.seed, noise_scale=a.noise_scale, decode_refine=a.decode_refine)
+                                        seed=a.seed, noise_scale=a.noise_scale, decode_refine=a.decode_refine,
+                         mouth_guidance=a.mouth_guidance)
         print(format_dubbing(rep["dubbing"]))
     if a.report_json:
         from ..models.checkpoint import read_metadata
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                        ae_steps=a.ae_steps,
                        crop_size=a.crop_size, lr=a.lr, batch_size=a.batch_size, bf16=a.bf16, seed=a.seed,
                        eval_every=a.eval_every, sampler_steps=a.sampler_steps, noise_scale=a.noise_scale,
-                       decode_refine=a.decode_refine,
+                       decode_refine=a.decode_refine, mouth_guidance=a.mouth_guidance,
                        dubbing=a.dubbing, threads=a.threads, turn_augment=a.turn_augment,
                        context_noise=a.context_noise, yaw_augment=a.yaw_augment)
         if a.report_json:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .holdout import fmt, load_holdout, paste_lower_face, reference_frame, upscale
+from .holdout import fmt, guidance_kwargs, load_holdout, paste_lower_face, reference_frame, upscale
 
 SILENCE_SECONDS = 2.0
 
@@ -53,7 +53,7 @@ def _anchor_x(content_box: np.ndarray, template_box: np.ndarray) -> np.ndarray:
 def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, holdout: float, *,
                    device: str | None = None, vae: str | os.PathLike | None = None, sampler: str = "ddim",
                    steps: int = 25, seed: int = 0, noise_scale: float | None = None, silence: bool = True,
-                   decode_refine: int | None = None) -> dict[str, Any]:
+                   decode_refine: int | None = None, mouth_guidance: float | None = None) -> dict[str, Any]:
     """The dubbing protocol (eval.dubbing) on one clip: trained on [0, 1 - holdout); the held-out part
     split in halves, new audio = the first, template = the second (holdout 0.4: [0.6, 0.8) drives
     [0.8, 1.0)). Opening series of stage 1 (predicted landmarks, crop frame), of the generated faces
@@ -71,7 +71,7 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
     from ..face.blend import lower_face_mask
     from ..pipeline import (AudioFeatures, audio_features, complete_landmarks, encode_reference, initial_noise,
                            landmarks_to_crop, load_model, sample_faces)
-    from ..sampling import decode_refine_of, noise_scale_of
+    from ..sampling import decode_refine_of, mouth_guidance_of, noise_scale_of
 
     h = load_holdout(shard, holdout)
     T = len(h.crops)
@@ -88,7 +88,8 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
 
     def render(idx: np.ndarray, lms_crop: np.ndarray) -> np.ndarray:
         gen = sample_faces(model, h.crops[idx], lms_crop, ref, steps=steps, sampler=sampler, seed=seed,
-                           batch_size=32, noise=noise, decode_refine=decode_refine)
+                           batch_size=32, noise=noise, decode_refine=decode_refine,
+                           **guidance_kwargs(model, h, np.unique(idx), mouth_guidance))
         return paste_lower_face(gen, h.crops[idx], mask)
 
     def stage1(idx: np.ndarray, mels: np.ndarray) -> np.ndarray:
@@ -146,6 +147,7 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
                            "landmark_box": box, "sampler": sampler, "sampler_steps": steps,
                            "noise_scale": noise_scale_of(model, noise_scale),
                            "decode_refine": decode_refine_of(model, decode_refine),
+                           "mouth_guidance": mouth_guidance_of(model, mouth_guidance),
                            "mouth_model": bool(getattr(model.landmark, "mouth", None) is not None
                                                and model.landmark.mouth.is_fitted)}
     if silence:
@@ -208,7 +210,8 @@ def format_dubbing(rep: dict[str, Any], clip: str = "this clip") -> str:
     lines = [f"[finetune] dubbing: template frames {rep['template_frames']} driven by the audio of "
              f"{rep['audio_frames']} ({rep['frames']} frames; {rep['train_frames']} training frames; "
              f"box {rep['landmark_box']}; mouth model {'on' if rep['mouth_model'] else 'off'}; {rep['sampler']} "
-             f"{rep['sampler_steps']} steps, x_T scale {rep.get('noise_scale', 1.0):g}, decode passes {rep.get('decode_refine', 0)})",
+             f"{rep['sampler_steps']} steps, x_T scale {rep.get('noise_scale', 1.0):g}, decode passes {rep.get('decode_refine', 0)}, "
+             f"mouth guidance {rep.get('mouth_guidance', 0.0):g})",
              *DUB_TABLE_HEADER, *dubbing_table_rows(rep, clip)]
     lines.append(f"audio's truth vs template truth: {fmt(rep['rows']['stage1']['truth_vs_template'], '.3f')}; "
                  f"stage 1 on the template's own audio: {fmt(rep['rows']['stage1_own_audio']['corr_audio'], '.3f')}")

@@ -124,11 +124,12 @@ def reference_frame(h: HoldoutData) -> int:
 
 def generate(model: Any, h: HoldoutData, *, audio_driven: bool, steps: int = 25, sampler: str = "ddim",
              seed: int = 0, frames: np.ndarray | None = None, noise_scale: float | None = None,
-             decode_refine: int | None = None) -> np.ndarray:
+             decode_refine: int | None = None, mouth_guidance: float | None = None) -> np.ndarray:
     """Our crops for the test frames (pipeline stages), pasted like the baselines: (B, S, S, 3) uint8.
 
     ``noise_scale`` multiplies the shared x_T (pipeline.initial_noise(seed)); None = the model's, what
-    ``sync`` does; ``decode_refine`` likewise (sampling.decode_faces)."""
+    ``sync`` does; ``decode_refine`` and ``mouth_guidance`` likewise (sampling.decode_faces,
+    sampling.MouthGuidance)."""
     from ..face import topology
     from ..face.blend import lower_face_mask
     from ..pipeline import (AudioFeatures, complete_landmarks, encode_reference, initial_noise, landmarks_to_crop,
@@ -147,8 +148,18 @@ def generate(model: Any, h: HoldoutData, *, audio_driven: bool, steps: int = 25,
         lms = h.points_crop[idx]
     noise = initial_noise(model, seed, noise_scale)
     gen = sample_faces(model, h.crops[idx], lms, ref, steps=steps, sampler=sampler, seed=seed, batch_size=32,
-                       noise=noise, decode_refine=decode_refine)
+                       noise=noise, decode_refine=decode_refine, **guidance_kwargs(model, h, idx, mouth_guidance))
     return paste_lower_face(gen, h.crops[idx], lower_face_mask(S))
+
+
+def guidance_kwargs(model: Any, h: HoldoutData, idx: np.ndarray, scale: float | None) -> dict[str, Any]:
+    """sample_faces' mouth-guidance arguments for rendering frames ``idx`` of ``h``: the scale, and
+    stage 1's neutral mouth placed on those frames (pipeline.stage1_neutral_mouth, as sync does)."""
+    from ..pipeline import stage1_neutral_mouth
+    from ..sampling import mouth_guidance_of
+
+    on = model.kind == "talkformer" and mouth_guidance_of(model, scale) > 0
+    return {"mouth_guidance": scale, "neutral_mouth": stage1_neutral_mouth(model, h.analysis, idx) if on else None}
 
 
 def upscale(crops: np.ndarray, size: int = EVAL_CROP) -> np.ndarray:
@@ -174,17 +185,18 @@ def score(gen: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
 def holdout_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, holdout: float, *,
                    device: str | None = None, vae: str | os.PathLike | None = None, sampler: str = "ddim",
                    steps: int = 25, seed: int = 0, noise_scale: float | None = None,
-                   decode_refine: int | None = None) -> dict[str, Any]:
+                   decode_refine: int | None = None, mouth_guidance: float | None = None) -> dict[str, Any]:
     """The hold-out report on one clip: {method: metrics} for METHODS, plus the verdicts."""
     from ..pipeline import load_model
-    from ..sampling import decode_refine_of, noise_scale_of
+    from ..sampling import decode_refine_of, mouth_guidance_of, noise_scale_of
 
     h = load_holdout(shard, holdout)
     if len(h.test_idx) < 3:
         raise InputError(f"{shard}: {len(h.test_idx)} held-out frames with a face; need at least 3")
     model = load_model(checkpoint, device or "cpu", vae=vae)
     truth = h.crops[h.test_idx]
-    kw = dict(steps=steps, sampler=sampler, seed=seed, noise_scale=noise_scale, decode_refine=decode_refine)
+    kw = dict(steps=steps, sampler=sampler, seed=seed, noise_scale=noise_scale, decode_refine=decode_refine,
+              mouth_guidance=mouth_guidance)
     outs = {"ours_landmarks": generate(model, h, audio_driven=False, **kw),
             "ours_audio": generate(model, h, audio_driven=True, **kw)}
     base = baselines(h)
@@ -194,7 +206,8 @@ def holdout_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
                            "crop_size": int(h.crops.shape[1]), "donor_frame": int(base["_donor"]),
                            "reference_frame": reference_frame(h), "sampler": sampler, "sampler_steps": steps,
                            "noise_scale": noise_scale_of(model, noise_scale), "seed": int(seed),
-                           "decode_refine": decode_refine_of(model, decode_refine)}
+                           "decode_refine": decode_refine_of(model, decode_refine),
+                           "mouth_guidance": mouth_guidance_of(model, mouth_guidance)}
     rep["verdict"] = verdicts(rows)
     return rep
 
@@ -241,7 +254,8 @@ def format_report(rep: dict[str, Any]) -> str:
     v = rep["verdict"]
     return (f"[finetune] hold-out: {rep['test_frames']} test frames, {rep['train_frames']} training frames, "
             f"{rep['crop_size']} px crops, {rep['sampler']} {rep['sampler_steps']} steps, "
-            f"x_T scale {rep.get('noise_scale', 1.0):g}, decode passes {rep.get('decode_refine', 0)}\n"
+            f"x_T scale {rep.get('noise_scale', 1.0):g}, decode passes {rep.get('decode_refine', 0)}, "
+            f"mouth guidance {rep.get('mouth_guidance', 0.0):g}\n"
             + report_table({"this clip": rep}) + "\n"
             + f"test-frame landmarks beat both baselines on PSNR/SSIM/LMD: {v['landmarks_psnr']}/"
               f"{v['landmarks_ssim']}/{v['landmarks_lmd']}; audio-driven on mouth corr/LMD: "

@@ -61,7 +61,7 @@ def validate_inputs(video: str | os.PathLike, out: str | os.PathLike, *, budget_
                     steps: int | None, preset: str, ae_steps: int | None = None, dubbing: bool = False,
                     noise_scale: float | None = None, turn_augment: float | None = None,
                     context_noise: float | None = None, yaw_augment: float | None = None,
-                    decode_refine: int | None = None) -> None:
+                    decode_refine: int | None = None, mouth_guidance: float | None = None) -> None:
     """Every bad argument, before any long work (clear errors naming the file)."""
     from ..video import probe_video
 
@@ -94,10 +94,11 @@ def validate_inputs(video: str | os.PathLike, out: str | os.PathLike, *, budget_
     if context_noise is not None and not 0.0 <= context_noise <= MAX_CONTEXT_NOISE:
         raise InputError(f"--context-noise {context_noise}: expected a noise std in latent units in "
                          f"[0, {MAX_CONTEXT_NOISE}] (0 = off)")
-    from ..sampling import check_decode_refine, check_noise_scale
+    from ..sampling import check_decode_refine, check_mouth_guidance, check_noise_scale
 
     check_noise_scale(noise_scale)  # used only by the reports after training: checked now
     check_decode_refine(decode_refine)
+    check_mouth_guidance(mouth_guidance)
     for name, p in (("--vae", vae), ("--init-landmarks", init_landmarks)):
         if p is not None and not Path(p).is_file():
             raise InputError(f"{name} {p}: no such file; expected a .safetensors file")
@@ -160,7 +161,7 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
              steps: int | None = None, ae_steps: int | None = None, crop_size: int | None = None, lr: float | None = None,
              batch_size: int | None = None, bf16: bool = False, seed: int = 0, eval_every: int = 250,
              sampler: str = "ddim", sampler_steps: int = 25, noise_scale: float | None = None, decode_refine: int | None = None,
-             threads: int | None = None,
+             mouth_guidance: float | None = None, threads: int | None = None,
              dubbing: bool = False, turn_augment: float | None = None,
              context_noise: float | None = None, yaw_augment: float | None = None, progress: ProgressFn | None = None, tqdm_bar: bool = True,
              print_fn: Callable[[str], None] | None = print) -> FinetuneResult:
@@ -182,7 +183,7 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
     validate_inputs(video, out, budget_minutes=budget_minutes, holdout=holdout, vae=vae,
                     init_landmarks=init_landmarks, steps=steps, preset=preset, ae_steps=ae_steps, dubbing=dubbing,
                     noise_scale=noise_scale, turn_augment=turn_augment, context_noise=context_noise,
-                    yaw_augment=yaw_augment, decode_refine=decode_refine)
+                    yaw_augment=yaw_augment, decode_refine=decode_refine, mouth_guidance=mouth_guidance)
     if ae_steps is None:
         ae_steps = steps
     if threads:
@@ -350,12 +351,12 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
         t0 = time.time()
         result.report = holdout_report(out, shard, holdout, device=device, vae=vae, sampler=sampler,
                                        steps=sampler_steps, seed=seed, noise_scale=noise_scale,
-                                       decode_refine=decode_refine)
+                                       decode_refine=decode_refine, mouth_guidance=mouth_guidance)
         say(format_report(result.report))
         if dubbing:
             result.report["dubbing"] = dubbing_report(out, shard, holdout, device=device, vae=vae, sampler=sampler,
                                                       steps=sampler_steps, seed=seed, noise_scale=noise_scale,
-                                                      decode_refine=decode_refine)
+                                                      decode_refine=decode_refine, mouth_guidance=mouth_guidance)
             say(format_dubbing(result.report["dubbing"]))
         spent["report"] = (time.time() - t0) / 60.0
     result.minutes = dict(spent)

@@ -166,6 +166,15 @@ class MouthModel(nn.Module):
         return self
 
     @torch.no_grad()
+    def mean_content(self) -> np.ndarray:
+        """(57, 2) the jaw and lips at the person's mean opening: the training frames' mean content
+        (the least-squares fit has an intercept, so its residuals and their modes average to 0)."""
+        if not self.is_fitted:
+            raise RuntimeError("MouthModel: not fitted (fit it on the person's training frames first)")
+        W = self.content_w.detach().cpu().double().numpy()
+        return (float(self.prior[1]) * W[0] + W[1]).reshape(N_CONTENT, 2)
+
+    @torch.no_grad()
     def opening(self, mels: np.ndarray | torch.Tensor) -> np.ndarray:
         """(T, 80, 16) -> (T,) the predicted inner-lip gap (stable box frame)."""
         return self._predict(mels)[0]
