@@ -41,9 +41,9 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ._common import (CATEGORY, DECODE_PASSES_INPUT, FEATHER_INPUT, MODEL_INPUT, MOUTH_GUIDANCE_INPUT, NOISE_SCALE_INPUT, Progress, audio_input, check_interrupt,
-                      comfy_module, decode_passes_option, length_modes, mouth_guidance_option, noise_scale_option,
-                      sampler_inputs)
+from ._common import (CATEGORY, DECODE_PASSES_INPUT, FEATHER_INPUT, MODEL_INPUT, MOUTH_GUIDANCE_INPUT,
+                      NOISE_SCALE_INPUT, Progress, audio_input, check_interrupt, comfy_module, decode_passes_option,
+                      length_modes, mouth_guidance_option, noise_scale_option, sampler_inputs)
 from .generate_nodes import DEFAULT_SAMPLER, DEFAULT_STEPS
 
 OUTPUT_PREFIX = "talkformer_lipsync"

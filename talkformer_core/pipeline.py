@@ -401,7 +401,7 @@ class SyncOptions:
     seed: int = 0
     noise_scale: float | None = None  # x_T's scale; None = the model's (DiffusionConfig.noise_scale)
     decode_refine: int | None = None  # re-encoding passes of the decode; None = the model's (DiffusionConfig.decode_refine)
-    mouth_guidance: float | None = None  # sampling.MouthGuidance's scale; None = the model's (DiffusionConfig.mouth_guidance)
+    mouth_guidance: float | None = None  # MouthGuidance's scale; None = the model's (DiffusionConfig.mouth_guidance)
     reference_frame: int | None = None  # template frame (25 fps) for the R-Align reference; None = auto
     face_index: int | None = None  # None = largest face
     length_mode: str = "pingpong"  # pingpong | loop | trim

@@ -155,7 +155,7 @@ def neutral_mouth(points_crop: np.ndarray) -> np.ndarray:
 
     pts = np.asarray(points_crop, dtype=np.float64)
     if pts.ndim != 3 or pts.shape[1:] != (131, 2):
-        raise InputError(f"neutral mouth: expected tracked landmarks (T, 131, 2), got {pts.shape}")
+        raise InputError(f"neutral mouth: expected landmarks (T, 131, 2), got {pts.shape}")
     c = pts[:, list(topology.CONTENT_POS)]  # (T, 57, 2)
     c = c[np.isfinite(c).all(axis=(1, 2))]
     if len(c) == 0:
@@ -436,8 +436,8 @@ def _run_independent(model, known, upper, lms, reference, steps, sampler, noise,
     cb = None if step_callback is None else (lambda i, n, x, x0: step_callback(i, n))
     lc, lcn = _landmark_caches(model, lms, guidance)  # step-invariant M-Align K/V, once per frame
     x_T = noise.to(dev, torch.float32).expand(B, -1, -1, -1).contiguous()
-    out = fn(_model_fn(model, lc, reference, lc_neutral=lcn, guidance=guidance), x_T, model.schedule, steps, known=known, known_mask=mask, eta=eta,
-             callback=cb, generator=generator)
+    out = fn(_model_fn(model, lc, reference, lc_neutral=lcn, guidance=guidance), x_T, model.schedule, steps,
+             known=known, known_mask=mask, eta=eta, callback=cb, generator=generator)
     return torch.where(mask, upper, out)
 
 
@@ -503,8 +503,8 @@ class _ChainRunner:
             mc = (None if group[0].motion is None
                   else tf.prepare_motion(torch.stack([c.motion for c in group]).to(self.model.device)))
         x_T = self.x_T.expand(len(sel), -1, -1, -1).contiguous()
-        x0 = self.fn(_model_fn(self.model, lc, self.reference, mc, L, lcn, self.guidance), x_T, self.model.schedule, self.steps,
-                     known=self.known[sel], known_mask=self.mask, eta=self.eta, callback=self.cb,
+        x0 = self.fn(_model_fn(self.model, lc, self.reference, mc, L, lcn, self.guidance), x_T, self.model.schedule,
+                     self.steps, known=self.known[sel], known_mask=self.mask, eta=self.eta, callback=self.cb,
                      generator=self.generator)
         for j, c in enumerate(group):
             n = n_real[j]
