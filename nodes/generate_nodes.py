@@ -177,8 +177,8 @@ class TalkFormerSampler:
         import numpy as np
 
         from talkformer_core.face.track import crop_frame
-        from talkformer_core.pipeline import stage1_neutral_mouth
-        from talkformer_core.sampling import FaceSampler, auto_batch_size, mouth_guidance_of
+        from talkformer_core.pipeline import guidance_neutral_mouth
+        from talkformer_core.sampling import FaceSampler, auto_batch_size
 
         analysis = face_track
         track = analysis.track
@@ -197,7 +197,7 @@ class TalkFormerSampler:
             bar.update(done[0], latest[0] if i == 0 else None)  # interrupt point
 
         guidance = mouth_guidance_option(mouth_guidance)
-        neutral = stage1_neutral_mouth(loaded, analysis) if mouth_guidance_of(loaded, guidance) > 0 else None
+        neutral = guidance_neutral_mouth(loaded, analysis, None, guidance)
         fs = FaceSampler(loaded, reference, steps=int(steps), sampler=sampler, seed=int(seed), eta=float(eta),
                          noise_scale=noise_scale_option(noise_scale), decode_refine=decode_passes_option(decode_passes),
                          batch_size=auto_batch_size(loaded), step_callback=step, mouth_guidance=guidance,

@@ -315,6 +315,16 @@ def stage1_neutral_mouth(model: LoadedModel, analysis: FaceAnalysis,
     return neutral_mouth(landmarks_to_crop(analysis, lm_box, idx, box))
 
 
+def guidance_neutral_mouth(model: LoadedModel, analysis: FaceAnalysis, frame_indices: Any,
+                           scale: float | None) -> np.ndarray | None:
+    """``stage1_neutral_mouth`` when mouth guidance is on (``scale``, else the model's, > 0, on the
+    diffusion renderer), else None: what FaceSampler's ``neutral_mouth`` takes."""
+    from .sampling import mouth_guidance_of
+
+    on = model.kind == "talkformer" and mouth_guidance_of(model, scale) > 0
+    return stage1_neutral_mouth(model, analysis, frame_indices) if on else None
+
+
 # ----------------------------------------------------------------------------------------------
 # stage 2: diffusion inpainting of the lower face
 
@@ -660,11 +670,8 @@ def lipsync(video: str | os.PathLike | np.ndarray, audio: Any, model: LoadedMode
         del ref_frame
         from .sampling import auto_batch_size
 
-        from .sampling import mouth_guidance_of
-
         bs = opt.batch_size or auto_batch_size(model)
-        neutral = (stage1_neutral_mouth(model, analysis, plan)  # the unconditional mouth of the guidance
-                   if mouth_guidance_of(model, opt.mouth_guidance) > 0 else None)
+        neutral = guidance_neutral_mouth(model, analysis, plan, opt.mouth_guidance)
         face_sampler = FaceSampler(model, reference, steps=int(opt.steps), sampler=opt.sampler, seed=opt.seed,
                                    eta=float(opt.eta), noise_scale=opt.noise_scale, batch_size=bs,
                                    step_callback=lambda i, n: step_cb(i, n), decode_refine=opt.decode_refine,

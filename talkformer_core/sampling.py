@@ -62,11 +62,23 @@ def tensor_to_crops(x: torch.Tensor) -> np.ndarray:
     return to_pixels(x).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def _check_scale(value: float | None, what: str, meaning: str) -> None:
+    """InputError unless ``value`` is None (the model's own) or a finite number >= 0."""
+    if value is not None and not (math.isfinite(float(value)) and float(value) >= 0):
+        raise InputError(f"{what} {value}: expected a number >= 0 ({meaning})")
+
+
+def _diffusion_default(model: LoadedModel, name: str, default: float) -> float:
+    """The checkpoint's DiffusionConfig.<name>; ``default`` for configs saved before it existed or
+    models without a config."""
+    cfg = getattr(model, "config", None)
+    return getattr(cfg.model.diffusion, name, default) if cfg is not None else default
+
+
 def check_noise_scale(scale: float | None) -> None:
     """InputError unless ``scale`` is None (the model's own) or a finite number >= 0; callers run it
     before any long work."""
-    if scale is not None and not (math.isfinite(float(scale)) and float(scale) >= 0):
-        raise InputError(f"noise scale {scale}: expected a number >= 0 (1 = the paper's x_T, 0 = no noise)")
+    _check_scale(scale, "noise scale", "1 = the paper's x_T, 0 = no noise")
 
 
 def noise_scale_of(model: LoadedModel, scale: float | None = None) -> float:
@@ -101,10 +113,7 @@ def decode_refine_of(model: LoadedModel, refine: int | None = None) -> int:
     """The re-encoding passes a decode makes: ``refine`` (checked) if given, else the checkpoint's
     (DiffusionConfig.decode_refine; 0 for models without it)."""
     check_decode_refine(refine)
-    if refine is not None:
-        return int(refine)
-    cfg = getattr(model, "config", None)
-    return int(getattr(cfg.model.diffusion, "decode_refine", 0)) if cfg is not None else 0
+    return int(refine) if refine is not None else int(_diffusion_default(model, "decode_refine", 0))
 
 
 @torch.no_grad()
@@ -132,18 +141,14 @@ def decode_faces(model: LoadedModel, z: torch.Tensor, crops: np.ndarray, refine:
 def check_mouth_guidance(scale: float | None) -> None:
     """InputError unless ``scale`` is None (the model's own) or a finite number >= 0; callers run it
     before any long work."""
-    if scale is not None and not (math.isfinite(float(scale)) and float(scale) >= 0):
-        raise InputError(f"mouth guidance {scale}: expected a number >= 0 (0 = off)")
+    _check_scale(scale, "mouth guidance", "0 = off")
 
 
 def mouth_guidance_of(model: LoadedModel, scale: float | None = None) -> float:
     """``scale`` (checked) if given, else the checkpoint's (DiffusionConfig.mouth_guidance; 0 for
     models without it and for renderers that are not the diffusion stage)."""
     check_mouth_guidance(scale)
-    if scale is not None:
-        return float(scale)
-    cfg = getattr(model, "config", None)
-    return float(getattr(cfg.model.diffusion, "mouth_guidance", 0.0)) if cfg is not None else 0.0
+    return float(scale) if scale is not None else float(_diffusion_default(model, "mouth_guidance", 0.0))
 
 
 def neutral_mouth(points_crop: np.ndarray) -> np.ndarray:

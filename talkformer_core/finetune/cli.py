@@ -92,7 +92,7 @@ def _report_only(a: argparse.Namespace) -> int:
     if a.dubbing:
         rep["dubbing"] = dubbing_report(a.out, shards[0], holdout, device=a.device, vae=a.vae, steps=a.sampler_steps,
                                         seed=a.seed, noise_scale=a.noise_scale, decode_refine=a.decode_refine,
-                         mouth_guidance=a.mouth_guidance)
+                                        mouth_guidance=a.mouth_guidance)
         print(format_dubbing(rep["dubbing"]))
     if a.report_json:
         from ..models.checkpoint import read_metadata

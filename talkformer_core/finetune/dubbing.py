@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .holdout import fmt, guidance_kwargs, load_holdout, paste_lower_face, reference_frame, upscale
+from .holdout import fmt, load_holdout, paste_lower_face, reference_frame, upscale
 
 SILENCE_SECONDS = 2.0
 
@@ -69,8 +69,8 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
     from ..eval import dubbing as D
     from ..face import topology
     from ..face.blend import lower_face_mask
-    from ..pipeline import (AudioFeatures, audio_features, complete_landmarks, encode_reference, initial_noise,
-                           landmarks_to_crop, load_model, sample_faces)
+    from ..pipeline import (AudioFeatures, audio_features, complete_landmarks, encode_reference,
+                           guidance_neutral_mouth, initial_noise, landmarks_to_crop, load_model, sample_faces)
     from ..sampling import decode_refine_of, mouth_guidance_of, noise_scale_of
 
     h = load_holdout(shard, holdout)
@@ -88,8 +88,8 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
 
     def render(idx: np.ndarray, lms_crop: np.ndarray) -> np.ndarray:
         gen = sample_faces(model, h.crops[idx], lms_crop, ref, steps=steps, sampler=sampler, seed=seed,
-                           batch_size=32, noise=noise, decode_refine=decode_refine,
-                           **guidance_kwargs(model, h, np.unique(idx), mouth_guidance))
+                           batch_size=32, noise=noise, decode_refine=decode_refine, mouth_guidance=mouth_guidance,
+                           neutral_mouth=guidance_neutral_mouth(model, h.analysis, np.unique(idx), mouth_guidance))
         return paste_lower_face(gen, h.crops[idx], mask)
 
     def stage1(idx: np.ndarray, mels: np.ndarray) -> np.ndarray:

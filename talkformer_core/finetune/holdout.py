@@ -132,8 +132,8 @@ def generate(model: Any, h: HoldoutData, *, audio_driven: bool, steps: int = 25,
     sampling.MouthGuidance)."""
     from ..face import topology
     from ..face.blend import lower_face_mask
-    from ..pipeline import (AudioFeatures, complete_landmarks, encode_reference, initial_noise, landmarks_to_crop,
-                           sample_faces)
+    from ..pipeline import (AudioFeatures, complete_landmarks, encode_reference, guidance_neutral_mouth,
+                           initial_noise, landmarks_to_crop, sample_faces)
 
     idx = h.test_idx if frames is None else frames
     S = h.crops.shape[1]
@@ -148,18 +148,9 @@ def generate(model: Any, h: HoldoutData, *, audio_driven: bool, steps: int = 25,
         lms = h.points_crop[idx]
     noise = initial_noise(model, seed, noise_scale)
     gen = sample_faces(model, h.crops[idx], lms, ref, steps=steps, sampler=sampler, seed=seed, batch_size=32,
-                       noise=noise, decode_refine=decode_refine, **guidance_kwargs(model, h, idx, mouth_guidance))
+                       noise=noise, decode_refine=decode_refine, mouth_guidance=mouth_guidance,
+                       neutral_mouth=guidance_neutral_mouth(model, h.analysis, idx, mouth_guidance))
     return paste_lower_face(gen, h.crops[idx], lower_face_mask(S))
-
-
-def guidance_kwargs(model: Any, h: HoldoutData, idx: np.ndarray, scale: float | None) -> dict[str, Any]:
-    """sample_faces' mouth-guidance arguments for rendering frames ``idx`` of ``h``: the scale, and
-    stage 1's neutral mouth placed on those frames (pipeline.stage1_neutral_mouth, as sync does)."""
-    from ..pipeline import stage1_neutral_mouth
-    from ..sampling import mouth_guidance_of
-
-    on = model.kind == "talkformer" and mouth_guidance_of(model, scale) > 0
-    return {"mouth_guidance": scale, "neutral_mouth": stage1_neutral_mouth(model, h.analysis, idx) if on else None}
 
 
 def upscale(crops: np.ndarray, size: int = EVAL_CROP) -> np.ndarray:
