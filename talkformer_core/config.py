@@ -209,6 +209,12 @@ class TrainConfig:
     # one-clip training: the lips are a few percent of the crop, and an autoencoder that blurs them
     # draws every closed mouth a little open (docs/dubbing.md, "The autoencoder's mouth").
     autoencoder_mouth_weight: float = 1.0
+    # Stage autoencoder: each training crop moved by a random similarity, up to autoencoder_warp of
+    # the crop on each axis, 1 +- autoencoder_warp in scale and autoencoder_warp radians of rotation
+    # (train.augment.similarity_thetas), its landmarks with it; 0 = off. Our addition for one-clip
+    # training: the autoencoder sees seconds of crops on one pixel grid, and on the dubbed video's
+    # poses its round trip draws a closed mouth half open (docs/dubbing.md).
+    autoencoder_warp: float = 0.0
     # Both stages: samples drawn in proportion to density(mouth opening) ** -balance_openness
     # (train.batching.balance_weights; 1 = every opening equally often), 0 = uniform. Our addition
     # for one-clip training: a person's closed and wide-open frames are a small share of a few

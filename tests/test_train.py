@@ -678,3 +678,76 @@ def test_yaw_face_moves_pixels_as_yaw_landmarks_moves_points():
     edge = int((0.5 - YAW_HALF_WIDTH) * S) - 1
     assert torch.allclose(out[..., :edge], noise[..., :edge]) and torch.allclose(out[..., -edge:], noise[..., -edge:])
     assert torch.allclose(yaw_face(noise, torch.zeros(2)), noise, atol=1e-6)
+
+
+def test_similarity_warp_moves_pixels_as_warp_points_moves_points():
+    """train.augment.similarity_thetas / warp_images / warp_points: a small blob drawn at a point lands
+    where warp_points moves the point (its centroid, within 0.15 px); each draw stays inside its
+    bounds (shift, scale, rotation); the same generator seed gives the same draws; amount 0 is the
+    identity."""
+    from talkformer_core.train.augment import similarity_thetas, warp_images, warp_points
+
+    S, amount = 64, 0.08
+    th = similarity_thetas(64, amount, torch.Generator().manual_seed(1))
+    assert th.shape == (64, 2, 3)
+    assert torch.equal(th, similarity_thetas(64, amount, torch.Generator().manual_seed(1)))
+    A = th[:, :, :2]
+    scale = 1 / torch.sqrt(torch.linalg.det(A))  # theta maps output -> input: its A is R / scale
+    ang = torch.atan2(A[:, 1, 0], A[:, 0, 0])
+    assert float((scale - 1).abs().max()) <= amount + 1e-6 and float(ang.abs().max()) <= amount + 1e-6
+    assert float(th[:, :, 2].abs().max()) <= 2 * amount + 1e-6
+    assert float((scale - 1).abs().max()) > amount / 2 and float(th[:, :, 2].abs().max()) > amount  # not all near 0
+    yy, xx = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
+    pts = torch.tensor([[0.42, 0.35], [0.55, 0.68], [0.5, 0.5]])
+    for i in range(6):
+        for x0, y0 in pts.tolist():
+            img = torch.exp(-((xx - x0 * S) ** 2 + (yy - y0 * S) ** 2) / (2 * 1.5 ** 2))[None, None]
+            out = warp_images(img, th[i:i + 1])[0, 0]
+            got = torch.stack([(out * xx).sum(), (out * yy).sum()]) / out.sum() / S
+            want = warp_points(torch.tensor([[[x0, y0]]]), th[i:i + 1])[0, 0]
+            assert torch.allclose(got, want, atol=0.15 / S), (i, x0, y0, got, want)
+    moved = warp_points(pts[None].expand(6, -1, -1), th[:6])
+    assert float((moved - pts).abs().max()) > 1 / S  # they moved
+    noise = torch.rand(2, 3, S, S)
+    ident = similarity_thetas(2, 0.0, torch.Generator().manual_seed(0))
+    assert torch.allclose(warp_images(noise, ident), noise, atol=1e-5)
+    assert torch.allclose(warp_points(pts[None].expand(2, -1, -1), ident), pts[None].expand(2, -1, -1), atol=1e-6)
+
+
+def test_autoencoder_warp_trains_on_warped_crops_with_the_lips_box_moved_along(shards):
+    """TrainConfig.autoencoder_warp: the autoencoder stage encodes and reconstructs each crop warped by
+    its draw from the step's generator (the loss equals the one computed by hand on warp_images of the
+    crops, the mouth weight on warp_points of the landmarks); 0 leaves the step as it was."""
+    from talkformer_core.data.dataset import FrameDataset
+    from talkformer_core.models.autoencoder import AutoencoderKL
+    from talkformer_core.train.augment import similarity_thetas, warp_images, warp_points
+    from talkformer_core.train.steps import AutoencoderStep, mouth_weight
+
+    cfg = tiny_config()
+    cfg.train.autoencoder_mouth_weight = 6.0
+    torch.manual_seed(0)
+    ae = AutoencoderKL(cfg.model.autoencoder)
+    ds = FrameDataset(shards, cfg)
+    batch = torch.utils.data.default_collate([ds[i] for i in (0, 5, 11, 17)])
+    S = cfg.model.image_size
+
+    def step_l1(warp: float) -> float:
+        cfg.train.autoencoder_warp = warp
+        with torch.no_grad():
+            return float(AutoencoderStep(ae, cfg)(batch, torch.Generator().manual_seed(3))[1]["l1"])
+
+    def by_hand(x: torch.Tensor, lms: torch.Tensor, g: torch.Generator) -> float:
+        with torch.no_grad():
+            post = ae.encode(x)
+            eps = torch.randn(post.mean.shape, generator=g)
+            err = (ae.decode(post.mean + post.std * eps) - x).abs()
+        wmap = mouth_weight(lms, (S, S), 6.0, grow=S // 16)
+        return float((err * wmap).sum() / (wmap.sum() * 3))
+
+    g = torch.Generator().manual_seed(3)
+    th = similarity_thetas(4, 0.1, g)  # the step draws the warp first, then the posterior's noise
+    want = by_hand(warp_images(batch["crops"], th), warp_points(batch["landmarks"], th), g)
+    assert step_l1(0.1) == pytest.approx(want, rel=1e-5)
+    plain = by_hand(batch["crops"], batch["landmarks"], torch.Generator().manual_seed(3))
+    assert step_l1(0.0) == pytest.approx(plain, rel=1e-5)
+    assert abs(step_l1(0.1) - plain) > 1e-5  # the warp reached the loss

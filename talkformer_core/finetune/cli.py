@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--yaw-augment", type=float, default=None,
                     help="the inner face (eyes, nose, mouth) moved sideways against the face outline by up to this "
                          "fraction of the crop width while training (a head turn; 0 = off; default: the preset's)")
+    ap.add_argument("--autoencoder-warp", type=float, default=None,
+                    help="each autoencoder training crop moved by a random similarity of up to this fraction of the "
+                         "crop (shift), 1 +- this (scale) and this many radians (rotation) (0 = off; default: the "
+                         "preset's)")
     ap.add_argument("--context-noise", type=float, default=None,
                     help="Gaussian noise of std up to this (latent units) on the known upper-face context while "
                          "training (0 = off; default: the preset's)")
@@ -120,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                        eval_every=a.eval_every, sampler_steps=a.sampler_steps, noise_scale=a.noise_scale,
                        decode_refine=a.decode_refine, mouth_guidance=a.mouth_guidance,
                        dubbing=a.dubbing, threads=a.threads, turn_augment=a.turn_augment,
-                       context_noise=a.context_noise, yaw_augment=a.yaw_augment)
+                       context_noise=a.context_noise, yaw_augment=a.yaw_augment,
+                       autoencoder_warp=a.autoencoder_warp)
         if a.report_json:
             Path(a.report_json).write_text(json.dumps({"checkpoint": str(res.checkpoint), "minutes": res.minutes,
                                                        "steps": res.steps, "report": res.report,

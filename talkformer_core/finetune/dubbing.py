@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .holdout import fmt, load_holdout, paste_lower_face, reference_frame, upscale
+from .holdout import fmt, load_holdout, nearest_mouth, paste_lower_face, reference_frame, upscale
 
 SILENCE_SECONDS = 2.0
 
@@ -118,6 +118,10 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
         rows["faces" + suffix] = D.dubbing_scores(faces, truth, tmpl)
         # does stage 2 follow the landmarks it was given? (apart from whether they follow the audio)
         rows["faces" + suffix]["corr_landmarks"] = D.pearson(faces, D.mouth_opening(s1))
+        if suffix == "":  # the non-generative baseline on the same landmarks: the nearest training mouth, pasted
+            near = D.mouth_opening(points478(nearest_mouth(h, te, s1)[0]))
+            rows["nearest_mouth"] = D.dubbing_scores(near, truth, tmpl)
+            rows["nearest_mouth"]["corr_landmarks"] = D.pearson(near, D.mouth_opening(s1))
     shape_tmpl = D.lip_shape_error(h.points_crop[te].astype(np.float64) * S, true_lips)
     # renderer check: the new audio's true jaw + lips, in the template frame's stable box
     true_box = h.analysis.points_box(au, box)
@@ -156,6 +160,7 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
         s1_sil = stage1(idx, sil.windows)
         o1 = D.mouth_opening(s1_sil)
         o2 = D.mouth_opening(points478(render(idx, s1_sil)))
+        o_near = D.mouth_opening(points478(nearest_mouth(h, idx, s1_sil)[0]))
         thr1 = D.closed_threshold(open_tr)
         real_tr = D.mouth_opening(points478(h.crops[tr]))
         thr2 = D.closed_threshold(real_tr)
@@ -171,7 +176,7 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
                           "faces_max_seen_template": float(np.nanmax(o_seen)) if seen is not None else None,
                           "faces_max": float(np.nanmax(o2)), "faces_p90": float(np.nanquantile(o2, 0.9)),
                           "faces_closed": thr2, "faces_closed_real": thr_real, "faces_closed_autoencoder": thr_ae,
-                          "faces_missed": int(np.isnan(o2).sum()),
+                          "faces_missed": int(np.isnan(o2).sum()), "nearest_mouth_max": float(np.nanmax(o_near)),
                           "stage1_ok": bool(np.nanmax(o1) <= thr1), "faces_ok": bool(np.nanmax(o2) <= thr_real)}
     return rep
 
@@ -181,7 +186,8 @@ DUB_ROWS = (("stage1", "stage 1 (predicted landmarks)"), ("faces", "generated fa
             ("stage1_blend", "stage 1, mouth model + transformer averaged"),
             ("faces_blend", "faces, mouth model + transformer averaged"),
             ("renderer_true_landmarks", "renderer, the audio's true landmarks"),
-            ("faces_seen_template", "faces, the template taken from the training frames"), ("loudness", "loudness model"))
+            ("faces_seen_template", "faces, the template taken from the training frames"),
+            ("nearest_mouth", "nearest training mouth pasted (baseline, stage 1's landmarks)"), ("loudness", "loudness model"))
 
 
 DUB_TABLE_HEADER = ("| clip | opening of | corr with the audio's truth ↑ | corr with the template | same, given the "
@@ -222,5 +228,6 @@ def format_dubbing(rep: dict[str, Any], clip: str = "this clip") -> str:
                      f"{s['faces_p90']:.4f} (the real closed frames read <= {s.get('faces_closed_real', float('nan')):.4f}: "
                      f"{s['faces_ok']}; lowest 10 % of the real frames' readings <= {s['faces_closed']:.4f}; of the "
                      f"autoencoder's reconstructions <= {s.get('faces_closed_autoencoder', float('nan')):.4f}; "
-                     f"on training frames as the template: max {fmt(s.get('faces_max_seen_template'), '.4f')})")
+                     f"on training frames as the template: max {fmt(s.get('faces_max_seen_template'), '.4f')}; "
+                     f"the nearest training mouth pasted: max {fmt(s.get('nearest_mouth_max'), '.4f')})")
     return "\n".join(lines)

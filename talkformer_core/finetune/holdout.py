@@ -87,14 +87,10 @@ def paste_lower_face(cand: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> n
 
 def baselines(h: HoldoutData) -> dict[str, np.ndarray]:
     """copy-reference and mean-mouth crops (pasted) for the test frames: {name: (B, S, S, 3) uint8}."""
-    import cv2
-
-    from ..face import topology
     from ..face.blend import lower_face_mask
 
     S = h.crops.shape[1]
     mask = lower_face_mask(S)
-    pose = list(topology.POSE_POS)
     # copy-reference donor: the training frame with the median mouth opening
     opn = h.analysis.openness[h.train_idx]
     donor = int(h.train_idx[np.argsort(opn, kind="stable")[len(opn) // 2]])
@@ -102,14 +98,48 @@ def baselines(h: HoldoutData) -> dict[str, np.ndarray]:
     mean_pts = h.points_crop[h.train_idx].mean(0)  # (131, 2)
     out: dict[str, list[np.ndarray]] = {"copy_reference": [], "mean_mouth": []}
     for t in h.test_idx:
-        dst = h.points_crop[t, pose] * S
-        for name, img, pts in (("copy_reference", h.crops[donor].astype(np.float32), h.points_crop[donor]),
+        for name, img, pts in (("copy_reference", h.crops[donor], h.points_crop[donor]),
                                ("mean_mouth", mean_crop, mean_pts)):
-            m = _similarity(pts[pose] * S, dst)
-            warped = cv2.warpAffine(img, m, (S, S), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-            out[name].append(np.clip(np.round(warped), 0, 255).astype(np.uint8))
+            out[name].append(_moved_onto(img, pts, h.points_crop[t]))
     truth = h.crops[h.test_idx]
     return {k: paste_lower_face(np.stack(v), truth, mask) for k, v in out.items()} | {"_donor": np.array(donor)}
+
+
+def _moved_onto(img: np.ndarray, pts: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """A crop (S, S, 3) whose landmarks are ``pts`` (131, 2, crop fractions) moved by the similarity
+    taking its pose points onto ``dst``'s: (S, S, 3) uint8."""
+    import cv2
+
+    from ..face import topology
+
+    S = img.shape[0]
+    pose = list(topology.POSE_POS)
+    m = _similarity(pts[pose] * S, dst[pose] * S)
+    warped = cv2.warpAffine(img.astype(np.float32), m, (S, S), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    return np.clip(np.round(warped), 0, 255).astype(np.uint8)
+
+
+def nearest_mouth(h: HoldoutData, frames: np.ndarray, landmarks_crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A non-generative renderer, the baseline of the dubbing report: for each frame of ``frames``
+    (the template) with target landmarks ``landmarks_crop`` (n, 131, 2, crop fractions), the training
+    frame whose jaw and lips (each centred on its own mean) are nearest the target's, moved onto the
+    template frame's pose points and its lower face pasted in. -> (crops (n, S, S, 3) uint8, the
+    training frames used (n,))."""
+    from ..face import topology
+    from ..face.blend import lower_face_mask
+
+    content = list(topology.CONTENT_POS)
+
+    def shape(p: np.ndarray) -> np.ndarray:
+        c = np.asarray(p, np.float64)[:, content]
+        return (c - c.mean(1, keepdims=True)).reshape(len(c), -1)
+
+    pool = shape(h.points_crop[h.train_idx])
+    want = shape(landmarks_crop)
+    d2 = (want ** 2).sum(1)[:, None] - 2 * want @ pool.T + (pool ** 2).sum(1)[None]
+    donors = h.train_idx[np.argmin(d2, 1)]
+    moved = np.stack([_moved_onto(h.crops[j], h.points_crop[j], h.points_crop[t]) for j, t in zip(donors, frames)])
+    return paste_lower_face(moved, h.crops[frames], lower_face_mask(h.crops.shape[1])), donors
 
 
 def reference_frame(h: HoldoutData) -> int:

@@ -24,6 +24,12 @@ of the training frames' means while the outline at the ears stays put (docs/dubb
 from YAW_HALF_WIDTH away (the face oval's edges sit at 0.2 and 0.8 of the crop); the landmarks move
 with the same field. Context and target are warped together, so each level caches both latents.
 
+The autoencoder warp (TrainConfig.autoencoder_warp): each autoencoder training crop moved by a
+random similarity (shift, scale, rotation), its landmarks with it. The autoencoder of a person model
+sees a few seconds of crops on one pixel grid, and the frames a user dubs sit a pixel or two and a
+degree or two off it: there its round trip drew a real closed mouth, moved onto a held-out
+template's pose, half open (docs/dubbing.md, "The autoencoder on frames it never saw").
+
 The context noise (TrainConfig.context_noise): the known context latent of each window plus
 Gaussian noise of a std drawn per window in [0, context_noise]. Sampling keeps the context clean:
 training on blurred views of the few contexts it has keeps the renderer from keying the mouth on
@@ -108,6 +114,35 @@ def yaw_face(images: Tensor, s: Tensor) -> Tensor:
     gy = (ys * 2 - 1)[None, :, None].expand(N, H, W)
     return F.grid_sample(images, torch.stack([gx, gy], -1), mode="bilinear", padding_mode="border",
                          align_corners=False)
+
+
+def similarity_thetas(n: int, amount: float, generator: torch.Generator) -> Tensor:
+    """(n, 2, 3) random similarities for ``F.affine_grid`` (output -> input, normalised coordinates):
+    per crop a shift of up to ``amount`` of the crop on each axis, a scale in [1 - amount, 1 + amount]
+    and a rotation of up to ``amount`` radians, uniform."""
+    u = torch.rand((n, 4), generator=generator, device=generator.device) * 2 - 1  # (n, 4) in [-1, 1]
+    a = float(amount)
+    scale, ang = 1.0 + a * u[:, 0], a * u[:, 1]
+    cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
+    # normalised coordinates span 2 per crop width: a shift of f crops is 2 f
+    tx, ty = 2 * a * u[:, 2], 2 * a * u[:, 3]
+    return torch.stack([torch.stack([cos, -sin, tx], -1), torch.stack([sin, cos, ty], -1)], 1)
+
+
+def warp_images(images: Tensor, theta: Tensor) -> Tensor:
+    """Images (N, C, S, S) resampled through ``theta`` (N, 2, 3) (``similarity_thetas``). Bilinear,
+    edge pixels repeated."""
+    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def warp_points(points: Tensor, theta: Tensor) -> Tensor:
+    """Crop-frame points (N, P, 2) in [0, 1] moved as ``warp_images`` moves their pixels: theta maps an
+    output pixel to its source, so a point goes through theta's inverse."""
+    A, b = theta[:, :, :2].to(points.dtype), theta[:, :, 2].to(points.dtype)  # (N, 2, 2), (N, 2)
+    p = points * 2 - 1
+    out = torch.linalg.solve(A, (p - b[:, None]).transpose(1, 2)).transpose(1, 2)
+    return (out + 1) / 2
 
 
 def noise_context(ctx: Tensor, scale: float, num_frames: int, generator: torch.Generator) -> Tensor:

@@ -183,13 +183,20 @@ class AutoencoderStep(nn.Module):
 
     def forward(self, batch: Mapping[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         x = batch["crops"]  # (B, 3, S, S)
+        lms = batch.get("landmarks")
+        if self.cfg.train.autoencoder_warp > 0:  # train.augment: the crops a dubbed video's poses give
+            from .augment import similarity_thetas, warp_images, warp_points
+
+            theta = similarity_thetas(x.shape[0], self.cfg.train.autoencoder_warp, generator).to(x.device)
+            x = warp_images(x, theta)
+            lms = None if lms is None else warp_points(lms.to(theta.dtype), theta)
         post = self.ae.encode(x)
         eps = torch.randn(post.mean.shape, generator=generator, device=generator.device).to(x.device, x.dtype)
         rec = self.ae.decode(post.mean + post.std * eps)
         w_mouth = float(self.cfg.train.autoencoder_mouth_weight)
-        if w_mouth != 1.0 and "landmarks" in batch:
+        if w_mouth != 1.0 and lms is not None:
             S = x.shape[-1]
-            wmap = mouth_weight(batch["landmarks"].to(x.dtype), (S, S), w_mouth, grow=max(S // 16, 1))
+            wmap = mouth_weight(lms.to(x.dtype), (S, S), w_mouth, grow=max(S // 16, 1))
             wmap = torch.where(batch["found"].view(-1, 1, 1, 1), wmap, torch.ones_like(wmap))  # (B, 1, S, S)
             l1 = ((rec - x).abs() * wmap).mean() / wmap.mean()  # a weighted mean: same scale as plain L1
         else:
