@@ -27,7 +27,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 HOLDOUT = 0.4
-STABLE = tuple(range(25, 91))  # FULL_131 positions of the brows, nose and eyes (rigid with the skull)
 
 
 def closed_sets(h, split) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -41,12 +40,11 @@ def closed_sets(h, split) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     tr, te = split.train, split.template
     held = np.concatenate([split.audio, te])
     closed, held_closed = tr[np.argsort(op[tr])[:8]], held[np.argsort(op[held])[:8]]
-    P, st = h.points_crop.astype(np.float64) * S, list(STABLE)
+    P = h.points_crop.astype(np.float64) * S
     tm, src = np.resize(te, 16), np.resize(closed, 16)
     moved = []
     for i, j in zip(tm, src):
-        s, R, t = D.similarity_align(P[j, st], P[i, st])
-        moved.append(cv2.warpAffine(h.crops[j], np.concatenate([s * R, t[:, None]], 1), (S, S),
+        moved.append(cv2.warpAffine(h.crops[j], D.upper_face_similarity(P[j], P[i]), (S, S),
                                     flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE))
     return {"training frames, closed": (h.crops[closed], h.crops[closed]),
             "held-out frames, closed": (h.crops[held_closed], h.crops[held_closed]),

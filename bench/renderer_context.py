@@ -36,17 +36,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-STABLE = tuple(range(25, 91))  # FULL_131 positions of the brows, nose and eyes (rigid with the skull)
-
 
 def aligned(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Each frame's 131 points (n, 131, 2) moved by the similarity taking its stable points onto dst's."""
-    from talkformer_core.eval.dubbing import similarity_align
+    """Each frame's 131 points (n, 131, 2) moved by the similarity taking its upper face onto dst's."""
+    from talkformer_core.eval.dubbing import upper_face_similarity
 
     out = np.empty_like(src)
     for i in range(len(src)):
-        s, R, t = similarity_align(src[i, list(STABLE)], dst[i, list(STABLE)])
-        out[i] = s * src[i] @ R.T + t
+        m = upper_face_similarity(src[i], dst[i])
+        out[i] = src[i] @ m[:, :2].T + m[:, 2]
     return out
 
 

@@ -88,6 +88,16 @@ def test_lip_shape_error_ignores_pose_and_sees_the_lips(clips):
     np.testing.assert_allclose(err, 2.0 / nose, rtol=1e-6)
 
 
+def test_upper_face_similarity_recovers_the_head_move_whatever_the_mouth_does(clips):
+    p = clips["A"].points478[0].astype(np.float64)
+    q = _similar(p, 0.8, 20.0, (-6.0, 11.0))
+    a = np.deg2rad(20.0)
+    want = np.array([[0.8 * np.cos(a), -0.8 * np.sin(a), -6.0], [0.8 * np.sin(a), 0.8 * np.cos(a), 11.0]])
+    q[list(topology.LIPS_40) + list(topology.JAW_17), 1] += 9.0  # the mouth opens: not a head move
+    for src, dst in ((p, q), (topology.select_131(p), topology.select_131(q))):
+        np.testing.assert_allclose(D.upper_face_similarity(src, dst), want, atol=1e-9)
+
+
 def test_closed_range_reads_the_truly_closed_frames_with_the_noisy_ruler():
     """A noisy ruler on exact truth: the closed range is the largest reading among the frames whose
     true opening is in its lowest 10 %, so every truly closed frame is within it, where the 10 %

@@ -121,6 +121,14 @@ def similarity_align(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarra
     return scale, R, mu_d - scale * mu_s @ R.T
 
 
+def upper_face_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """One face's points src and dst (K, 2), K = 478 or 131 -> the 2x3 similarity [scale * R | t]
+    taking src's upper face (eyes, brows, nose: rigid with the skull) onto dst's, least squares."""
+    ids = _ids(src.shape[0], UPPER_FACE_478)
+    s, R, t = similarity_align(src[ids], dst[ids])
+    return np.concatenate([s * R, t[:, None]], 1)
+
+
 def lip_shape_error(pred: Any, truth: Any) -> np.ndarray:
     """(T, K, 2) predicted and (T, K, 2) true points (K = 478 or 131, any pixel frames) -> (T,):
     mean distance of the 40 lip points after aligning each predicted frame onto its true frame by
@@ -129,14 +137,14 @@ def lip_shape_error(pred: Any, truth: Any) -> np.ndarray:
     p, q = np.asarray(pred, np.float64), np.asarray(truth, np.float64)
     if p.shape != q.shape or p.ndim != 3:
         raise ValueError(f"lip_shape_error: expected two (T, K, 2) arrays of one shape, got {p.shape}, {q.shape}")
-    up, lips = (_ids(p.shape[1], ids) for ids in (UPPER_FACE_478, LIPS_40))
+    lips = _ids(p.shape[1], LIPS_40)
     nose = nose_length(q)
     out = np.full(len(p), np.nan)
     for t in range(len(p)):
         if not (np.all(np.isfinite(p[t])) and np.all(np.isfinite(q[t]))):
             continue
-        s, R, tr = similarity_align(p[t, up], q[t, up])
-        moved = s * p[t, lips] @ R.T + tr
+        m = upper_face_similarity(p[t], q[t])
+        moved = p[t, lips] @ m[:, :2].T + m[:, 2]
         out[t] = np.linalg.norm(moved - q[t, lips], axis=-1).mean() / nose[t]
     return out
 
@@ -231,4 +239,4 @@ def linear_leak(pose: Any, opening: Any, fit_frac: float = 0.6, ridge: float = 1
 __all__ = ["DubbingSplit", "LoudnessModel", "UPPER_FACE_478", "closed_threshold", "dubbing_scores", "frame_loudness",
            "lag_correlations",
            "linear_leak", "lip_shape_error", "mouth_opening", "partial_corr", "similarity_align", "split_clip",
-           "template_weight"]
+           "template_weight", "upper_face_similarity"]
