@@ -74,6 +74,7 @@ def test_gpu_presets_keep_the_cpu_recipe_at_the_papers_crop(name, crop, latent):
     assert m.unet.position_features and m.unet.landmark_map and m.unet.landmark_fill and m.anchor_mouth_x
     assert m.landmark == cpu.model.landmark  # stage 1 as cpu64's
     assert not t.end_to_end and t.bf16 and not cpu.train.bf16
+    assert t.autoencoder_warp == cpu.train.autoencoder_warp > 0  # a fraction of the crop: the same at any size
     frac = lambda c: c.train.shift_augment * c.model.autoencoder.downsample / c.model.image_size  # noqa: E731
     assert frac(cfg) == frac(cpu) == 0.125
     assert m.unet.channel_mult == (1, 2, 3, 4) and 64 <= m.unet.model_channels <= 128
