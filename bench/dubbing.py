@@ -2,7 +2,7 @@
 
     python bench/dubbing.py [--budget-minutes 30] [--jobs 3] [--threads 1] [--clips A.mp4 ...]
                             [--steps N --ae-steps M] [--turn-augment F] [--context-noise F] [--yaw-augment F]
-                            [--autoencoder-warp F] [--seed K]
+                            [--autoencoder-warp F] [--autoencoder-edge W] [--seed K]
                             [--work /tmp/talkformer_dubbing] [--out docs/dubbing.md] [--reuse]
                             [--report-only [--noise-scale S] [--tag T]]
     python bench/dubbing.py --stage1 [--transformer-steps 1500] [--threads 1]
@@ -54,7 +54,7 @@ def training_flags(a: argparse.Namespace) -> list[tuple[str, float]]:
     """The finetune options this bench passes through, those given: (flag, value)."""
     given = (("--steps", a.steps), ("--ae-steps", a.ae_steps), ("--turn-augment", a.turn_augment),
              ("--context-noise", a.context_noise), ("--yaw-augment", a.yaw_augment),
-             ("--autoencoder-warp", a.autoencoder_warp), ("--seed", a.seed))
+             ("--autoencoder-warp", a.autoencoder_warp), ("--autoencoder-edge", a.autoencoder_edge), ("--seed", a.seed))
     return [(f, v) for f, v in given if v is not None]
 
 
@@ -335,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--yaw-augment", type=float, default=None, help="finetune --yaw-augment (default: the preset's)")
     ap.add_argument("--autoencoder-warp", type=float, default=None,
                     help="finetune --autoencoder-warp (default: the preset's)")
+    ap.add_argument("--autoencoder-edge", type=float, default=None,
+                    help="finetune --autoencoder-edge (default: the preset's)")
     ap.add_argument("--seed", type=int, default=None, help="finetune --seed (default 0)")
     ap.add_argument("--stage1", action="store_true", help="stage 1 alone (minutes), see the module doc")
     ap.add_argument("--transformer-steps", type=int, default=1500)

@@ -215,6 +215,11 @@ class TrainConfig:
     # training: the autoencoder sees seconds of crops on one pixel grid, and on the dubbed video's
     # poses its round trip draws a closed mouth half open (docs/dubbing.md).
     autoencoder_warp: float = 0.0
+    # Stage autoencoder: an L1 on the crops' horizontal and vertical pixel differences, weighted like
+    # the L1 above and added autoencoder_edge_weight times; 0 = off. Our addition: an L1 on pixels
+    # alone lets the one-pixel line between closed lips fade into one dark band, which mediapipe
+    # reads as parted lips (docs/dubbing.md, "A ruler for closed").
+    autoencoder_edge_weight: float = 0.0
     # Both stages: samples drawn in proportion to density(mouth opening) ** -balance_openness
     # (train.batching.balance_weights; 1 = every opening equally often), 0 = uniform. Our addition
     # for one-clip training: a person's closed and wide-open frames are a small share of a few

@@ -70,6 +70,8 @@ def test_cli_rejects_bad_inputs_with_clear_errors(videos, tmp_path, capsys):
         (["--video", str(d / "talk.mp4"), "--out", out, "--yaw-augment", "0.2"], "--yaw-augment 0.2"),
         (["--video", str(d / "talk.mp4"), "--out", out, "--autoencoder-warp", "0.5"], "--autoencoder-warp 0.5"),
         (["--video", str(d / "talk.mp4"), "--out", out, "--autoencoder-warp", "-0.01"], "--autoencoder-warp -0.01"),
+        (["--video", str(d / "talk.mp4"), "--out", out, "--autoencoder-edge", "-1"], "--autoencoder-edge -1.0"),
+        (["--video", str(d / "talk.mp4"), "--out", out, "--autoencoder-edge", "50"], "--autoencoder-edge 50.0"),
         (["--video", str(d / "talk.mp4"), "--out", out, "--yaw-augment", "0.05", "--turn-augment", "0.05"],
          "give one of them"),
     ]

@@ -751,3 +751,50 @@ def test_autoencoder_warp_trains_on_warped_crops_with_the_lips_box_moved_along(s
     plain = by_hand(batch["crops"], batch["landmarks"], torch.Generator().manual_seed(3))
     assert step_l1(0.0) == pytest.approx(plain, rel=1e-5)
     assert abs(step_l1(0.1) - plain) > 1e-5  # the warp reached the loss
+
+
+def test_edge_l1_sees_lost_edges_not_uniform_shifts_and_the_step_adds_it(shards):
+    """train.steps.edge_l1 (TrainConfig.autoencoder_edge_weight): 0 for a reconstruction off by a
+    constant, positive for one that blurs a one-pixel line (the line between closed lips), weighted
+    like the L1 by the lips' box; the autoencoder step adds w * edge to its loss and logs it."""
+    from talkformer_core.data.dataset import FrameDataset
+    from talkformer_core.models.autoencoder import AutoencoderKL
+    from talkformer_core.train.steps import AutoencoderStep, edge_l1, mouth_weight
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    assert float(edge_l1(x + 0.3, x)) == pytest.approx(0.0, abs=1e-6)
+    line = torch.zeros(1, 3, 16, 16)
+    line[..., 8, :] = 1.0  # a bright one-pixel row
+    blur = torch.nn.functional.avg_pool2d(line, (3, 1), stride=1, padding=(1, 0))
+    assert float(edge_l1(blur, line)) > 0.05
+    assert float(edge_l1(blur, line)) > 2 * float(edge_l1(0.9 * line, line))  # a lost edge, not a dimmer one
+    w = torch.ones(1, 1, 16, 16)
+    w[..., :4, :] = 5.0  # the weight sits away from the line: its error counts less
+    assert float(edge_l1(blur, line, w)) < float(edge_l1(blur, line))
+    rec = blur.clone().requires_grad_(True)
+    edge_l1(rec, line).backward()
+    assert rec.grad[..., 7:10, :].abs().sum() > 0 and rec.grad[..., :5, :].abs().sum() == 0
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    ae = AutoencoderKL(cfg.model.autoencoder)
+    ds = FrameDataset(shards, cfg)
+    batch = torch.utils.data.default_collate([ds[i] for i in (0, 5, 11, 17)])
+    cfg.train.autoencoder_mouth_weight = 4.0
+
+    def step(w_edge: float):
+        cfg.train.autoencoder_edge_weight = w_edge
+        with torch.no_grad():
+            return AutoencoderStep(ae, cfg)(batch, torch.Generator().manual_seed(3))
+
+    (loss0, logs0), (loss2, logs2) = step(0.0), step(2.0)
+    assert "edge" not in logs0 and float(logs2["edge"]) > 0
+    with torch.no_grad():  # the step's reconstruction, redrawn with the same generator
+        post = ae.encode(batch["crops"])
+        eps = torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(3))
+        rec = ae.decode(post.mean + post.std * eps)
+    S = cfg.model.image_size
+    want = edge_l1(rec, batch["crops"], mouth_weight(batch["landmarks"], (S, S), 4.0, grow=S // 16))
+    assert float(logs2["edge"]) == pytest.approx(float(want), rel=1e-5)
+    assert float(loss2) == pytest.approx(float(loss0) + 2.0 * float(want), rel=1e-5)

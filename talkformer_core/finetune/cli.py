@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="each autoencoder training crop moved by a random similarity of up to this fraction of the "
                          "crop (shift), 1 +- this (scale) and this many radians (rotation) (0 = off; default: the "
                          "preset's)")
+    ap.add_argument("--autoencoder-edge", type=float, default=None,
+                    help="weight of the autoencoder's L1 on pixel differences (edges), added to its pixel L1 (0 = "
+                         "off; default: the preset's)")
     ap.add_argument("--context-noise", type=float, default=None,
                     help="Gaussian noise of std up to this (latent units) on the known upper-face context while "
                          "training (0 = off; default: the preset's)")
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                        decode_refine=a.decode_refine, mouth_guidance=a.mouth_guidance,
                        dubbing=a.dubbing, threads=a.threads, turn_augment=a.turn_augment,
                        context_noise=a.context_noise, yaw_augment=a.yaw_augment,
-                       autoencoder_warp=a.autoencoder_warp)
+                       autoencoder_warp=a.autoencoder_warp, autoencoder_edge=a.autoencoder_edge)
         if a.report_json:
             Path(a.report_json).write_text(json.dumps({"checkpoint": str(res.checkpoint), "minutes": res.minutes,
                                                        "steps": res.steps, "report": res.report,

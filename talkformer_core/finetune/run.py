@@ -41,6 +41,7 @@ MAX_HOLDOUT = 0.5
 MAX_TURN_AUGMENT = 0.25  # a quarter of the crop: beyond it the "turn" tears the lower face off the upper
 MAX_YAW_AUGMENT = 0.125  # an eighth of the crop at its centre: the warp stays one-to-one (|s| * max w' < 1)
 MAX_CONTEXT_NOISE = 4.0  # latent units (the latents have about unit std): beyond it the context is noise alone
+MAX_AUTOENCODER_EDGE = 20.0  # against the pixel L1 of weight 1
 MAX_AUTOENCODER_WARP = 0.25  # a quarter of the crop, 25 % in scale, 14 degrees: well past any pose within a clip
 
 
@@ -62,7 +63,7 @@ def validate_inputs(video: str | os.PathLike, out: str | os.PathLike, *, budget_
                     steps: int | None, preset: str, ae_steps: int | None = None, dubbing: bool = False,
                     noise_scale: float | None = None, turn_augment: float | None = None,
                     context_noise: float | None = None, yaw_augment: float | None = None,
-                    autoencoder_warp: float | None = None,
+                    autoencoder_warp: float | None = None, autoencoder_edge: float | None = None,
                     decode_refine: int | None = None, mouth_guidance: float | None = None) -> None:
     """Every bad argument, before any long work (clear errors naming the file)."""
     from ..video import probe_video
@@ -96,6 +97,9 @@ def validate_inputs(video: str | os.PathLike, out: str | os.PathLike, *, budget_
     if autoencoder_warp is not None and not 0.0 <= autoencoder_warp <= MAX_AUTOENCODER_WARP:
         raise InputError(f"--autoencoder-warp {autoencoder_warp}: expected a fraction of the crop in "
                          f"[0, {MAX_AUTOENCODER_WARP}] (0 = off)")
+    if autoencoder_edge is not None and not 0.0 <= autoencoder_edge <= MAX_AUTOENCODER_EDGE:
+        raise InputError(f"--autoencoder-edge {autoencoder_edge}: expected a loss weight in "
+                         f"[0, {MAX_AUTOENCODER_EDGE}] (0 = off)")
     if context_noise is not None and not 0.0 <= context_noise <= MAX_CONTEXT_NOISE:
         raise InputError(f"--context-noise {context_noise}: expected a noise std in latent units in "
                          f"[0, {MAX_CONTEXT_NOISE}] (0 = off)")
@@ -169,7 +173,8 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
              mouth_guidance: float | None = None, threads: int | None = None,
              dubbing: bool = False, turn_augment: float | None = None,
              context_noise: float | None = None, yaw_augment: float | None = None,
-             autoencoder_warp: float | None = None, progress: ProgressFn | None = None, tqdm_bar: bool = True,
+             autoencoder_warp: float | None = None, autoencoder_edge: float | None = None,
+             progress: ProgressFn | None = None, tqdm_bar: bool = True,
              print_fn: Callable[[str], None] | None = print) -> FinetuneResult:
     """Train a person-specific TalkFormer on one clip (see the module doc). Returns the result.
 
@@ -189,7 +194,8 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
     validate_inputs(video, out, budget_minutes=budget_minutes, holdout=holdout, vae=vae,
                     init_landmarks=init_landmarks, steps=steps, preset=preset, ae_steps=ae_steps, dubbing=dubbing,
                     noise_scale=noise_scale, turn_augment=turn_augment, context_noise=context_noise,
-                    yaw_augment=yaw_augment, autoencoder_warp=autoencoder_warp, decode_refine=decode_refine,
+                    yaw_augment=yaw_augment, autoencoder_warp=autoencoder_warp, autoencoder_edge=autoencoder_edge,
+                    decode_refine=decode_refine,
                     mouth_guidance=mouth_guidance)
     if ae_steps is None:
         ae_steps = steps
@@ -214,6 +220,8 @@ def finetune(video: str | os.PathLike, out: str | os.PathLike, *, budget_minutes
         cfg.train.yaw_augment = float(yaw_augment)
     if autoencoder_warp is not None:
         cfg.train.autoencoder_warp = float(autoencoder_warp)
+    if autoencoder_edge is not None:
+        cfg.train.autoencoder_edge_weight = float(autoencoder_edge)
     def say(msg: str) -> None:
         if print_fn is print:  # above the tqdm bars, not glued to them
             from tqdm import tqdm

@@ -170,6 +170,24 @@ class TalkFormerStep(nn.Module):
         return {"loss": ldm + tc.landmark_loss_weight * l1, "ldm": ldm, "l1": l1}
 
 
+def weighted_l1(diff: Tensor, wmap: Tensor | None) -> Tensor:
+    """Mean |diff|, or its mean weighted by ``wmap`` (B, 1, H, W) (same scale as the plain mean)."""
+    if wmap is None:
+        return diff.abs().mean()
+    return (diff.abs() * wmap).mean() / wmap.mean()
+
+
+def edge_l1(rec: Tensor, x: Tensor, wmap: Tensor | None = None) -> Tensor:
+    """L1 between the horizontal and vertical pixel differences of ``rec`` and ``x`` (B, C, H, W),
+    each weighted by ``wmap`` at the difference's first pixel: 0 exactly when ``rec - x`` is constant
+    on each image, so it adds nothing for a uniform shift and everything for a lost edge."""
+    d = rec - x
+    dx, dy = d[..., :, 1:] - d[..., :, :-1], d[..., 1:, :] - d[..., :-1, :]
+    if wmap is None:
+        return 0.5 * (dx.abs().mean() + dy.abs().mean())
+    return 0.5 * (weighted_l1(dx, wmap[..., :, :-1]) + weighted_l1(dy, wmap[..., :-1, :]))
+
+
 class AutoencoderStep(nn.Module):
     """L1 + KL (LDM's weighting), optional perceptual term."""
 
@@ -194,17 +212,21 @@ class AutoencoderStep(nn.Module):
         eps = torch.randn(post.mean.shape, generator=generator, device=generator.device).to(x.device, x.dtype)
         rec = self.ae.decode(post.mean + post.std * eps)
         w_mouth = float(self.cfg.train.autoencoder_mouth_weight)
+        wmap = None
         if w_mouth != 1.0 and lms is not None:
             S = x.shape[-1]
             wmap = mouth_weight(lms.to(x.dtype), (S, S), w_mouth, grow=max(S // 16, 1))
             wmap = torch.where(batch["found"].view(-1, 1, 1, 1), wmap, torch.ones_like(wmap))  # (B, 1, S, S)
-            l1 = ((rec - x).abs() * wmap).mean() / wmap.mean()  # a weighted mean: same scale as plain L1
-        else:
-            l1 = (rec - x).abs().mean()
+        l1 = weighted_l1(rec - x, wmap)
         # LDM: nll = sum over pixels / B, loss = nll + kl_weight * kl; here divided by the pixel count
         kl = post.kl().mean() / x[0].numel()
         loss = l1 + self.cfg.train.autoencoder_kl_weight * kl
         logs = {"l1": l1.detach(), "kl": kl.detach()}
+        w_edge = float(self.cfg.train.autoencoder_edge_weight)
+        if w_edge > 0:
+            edge = edge_l1(rec, x, wmap)
+            loss = loss + w_edge * edge
+            logs["edge"] = edge.detach()
         if self.perceptual is not None:
             p = self.perceptual(rec, x).mean()
             loss = loss + self.perceptual_weight * p
