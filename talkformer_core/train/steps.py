@@ -11,7 +11,8 @@ Stage ``talkformer`` (paper eq. 6, docs/architecture.md "The U-Net contract"):
             completion module (end_to_end=True); end_to_end=False feeds the ground truth (crop frame).
     The autoencoder is frozen.
 Stage ``autoencoder``: L1 + KL (LDM's weighting: KL weight relative to the per-pixel-summed
-    reconstruction loss); the L1 optionally weighted on the lips' box (autoencoder_mouth_weight).
+    reconstruction loss); the L1 optionally weighted on the lips' box (autoencoder_mouth_weight),
+    optionally plus an L1 on pixel differences weighted the same way (autoencoder_edge_weight).
 """
 from __future__ import annotations
 
@@ -189,7 +190,7 @@ def edge_l1(rec: Tensor, x: Tensor, wmap: Tensor | None = None) -> Tensor:
 
 
 class AutoencoderStep(nn.Module):
-    """L1 + KL (LDM's weighting), optional perceptual term."""
+    """L1 + KL (LDM's weighting), optional edge (autoencoder_edge_weight) and perceptual terms."""
 
     def __init__(self, ae: nn.Module, cfg: TalkFormerConfig, perceptual: nn.Module | None = None,
                  perceptual_weight: float = 1.0):
