@@ -10,7 +10,8 @@ the frames (``autoencoder_share`` of the training minutes), then TalkFormer with
 mouth model; batches sized to the device, bf16 on CUDA (the preset's). A shard at a larger crop
 than the preset's is resized (area) to it, so cpu64 trains on the same frames. Then the held-out
 frames are generated twice (``finetune.holdout.generate``: audio-driven, and with the test frames'
-landmarks) and saved, losslessly (``data.packed.encode_images``), in a compressed ``--out`` .npz
+landmarks) and, with ``--dubbing``, the dubbing protocol's and the silence check's faces
+(``finetune.dubbing.dubbing_inputs``, stored by ``save_dubbing_inputs``), and saved, losslessly (``data.packed.encode_images``), in a compressed ``--out`` .npz
 with the run's numbers (steps,
 minutes, samples/s, busy share). ``bench/score_gpu_finetune.py`` scores those files where
 mediapipe is (the 256 px ruler, the baselines) and draws the grid. ``--minutes`` is the process's
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (several processes share the box)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=None, help="work folder (default: /tmp/gpu_finetune/<out stem>)")
+    ap.add_argument("--dubbing", action="store_true",
+                    help="also make the dubbing protocol's and the silence check's crops (finetune.dubbing."
+                         "dubbing_inputs; give --holdout 0.4): the scorer reads them with mediapipe")
     a = ap.parse_args(argv)
     t_start = time.time()
 
@@ -160,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     kw = dict(steps=a.sampler_steps, seed=a.seed)
     gen = {"ours_landmarks": generate(model, h, audio_driven=False, **kw),
            "ours_audio": generate(model, h, audio_driven=True, **kw)}
+    dub = None
+    if a.dubbing:  # everything the dubbing report reads, made here; mediapipe reads it where it is
+        from talkformer_core.finetune.dubbing import dubbing_inputs, save_dubbing_inputs
+        dub = save_dubbing_inputs(dubbing_inputs(res_tf.checkpoint, shard, a.holdout, device=str(dev),
+                                                 steps=a.sampler_steps, seed=a.seed))
     sample_s = time.time() - t_s
     speed = lambda m: {k: float(m[k]) for k in ("samples_per_s", "steps_per_s", "busy_share", "batch_size",  # noqa: E731
                                                 "compute_seconds", "data_seconds", "wall_seconds") if k in m}
@@ -179,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     enc = {}
     for k, v in gen.items():  # lossless WebP: a third of zlib's size (returned files are capped)
         enc.update(encode_images(v.astype(np.uint8), k))
+    enc.update(dub or {})
     np.savez_compressed(out, test_idx=h.test_idx.astype(np.int64), train_idx=h.train_idx.astype(np.int64),
                         meta=np.array(json.dumps(meta, default=float)), **enc)
     print(f"[gpu_finetune] wrote {out} ({out.stat().st_size / 2 ** 20:.1f} MiB): {len(h.test_idx)} held-out frames, "

@@ -10,7 +10,8 @@ on the lower half against the TRUE 256 px crops of the held-out frames: PSNR, SS
 ``finetune.holdout.baselines``) made at 256 px and scored the same way. Writes the markdown (tables, the
 quality bar per preset, gpu256 against cpu64, the training numbers of each run) and one grid: per
 clip three held-out frames, columns truth / audio-driven / test-frame landmarks per preset /
-copy-reference, the lower half of the face at 256 px.
+copy-reference, the lower half of the face at 256 px. Runs made with ``--dubbing`` add their
+dubbing report (the protocol and the silence check of docs/dubbing.md, read here with mediapipe).
 """
 from __future__ import annotations
 
@@ -31,8 +32,10 @@ PRESET_ORDER = ("gpu256", "gpu128", "cpu96", "cpu64", "person64", "person96")
 
 
 def load_results(paths: list[str]) -> dict[str, dict[str, dict]]:
-    """{shard file name: {preset: {"meta", "test_idx", "ours_landmarks", "ours_audio"}}}."""
+    """{shard file name: {preset: {"meta", "test_idx", "ours_landmarks", "ours_audio", "dubbing"}}}
+    ("dubbing": ``finetune.dubbing.dubbing_inputs`` of a ``--dubbing`` run, else None)."""
     from talkformer_core.data.packed import decode_images
+    from talkformer_core.finetune.dubbing import load_dubbing_inputs
 
     files: list[Path] = []
     for p in map(Path, paths):
@@ -44,7 +47,7 @@ def load_results(paths: list[str]) -> dict[str, dict[str, dict]]:
                 continue
             meta = json.loads(str(z["meta"]))
             arrays = {k: z[k] for k in z.files}
-        r = {"meta": meta, "file": str(f), "test_idx": arrays["test_idx"]}
+        r = {"meta": meta, "file": str(f), "test_idx": arrays["test_idx"], "dubbing": load_dubbing_inputs(arrays)}
         for key, _ in MODES:  # lossless WebP (data.packed.encode_images), or plain uint8 arrays
             r[key] = arrays[key] if key in arrays else decode_images(arrays, key, str(f))
         out.setdefault(meta["shard"], {})[meta["preset"]] = r
@@ -186,6 +189,19 @@ def grid_rows(scored: dict[str, dict], runs: dict[str, dict[str, dict]], per_cli
     return rows, labels, row_labels
 
 
+def dubbing_markdown(runs: dict[str, dict[str, dict]], landmarks: bool = True) -> str:
+    """The dubbing report (``finetune.dubbing.score_dubbing``, mediapipe) of every ``--dubbing`` run."""
+    from talkformer_core.finetune.dubbing import format_dubbing, score_dubbing
+
+    parts = []
+    for clip in sorted(runs):
+        for preset in _order(runs[clip]):
+            inputs = runs[clip][preset].get("dubbing")
+            if inputs is not None and landmarks:
+                parts.append(f"\n### Dubbing, {clip}, {preset}\n\n" + format_dubbing(score_dubbing(inputs), clip) + "\n")
+    return "".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", nargs="+", required=True, help="gpu_finetune .npz files or folders of them")
@@ -220,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         rows, labels, row_labels = grid_rows(scored, runs)
         write_png(a.grid, grid(rows, tile=(128, 256), col_labels=labels, row_labels=row_labels))
         print(f"wrote {a.grid}")
-    md = markdown(scored, runs, a)
+    md = markdown(scored, runs, a) + dubbing_markdown(runs, landmarks=not a.no_landmarks)
     Path(a.out).write_text(md)
     print(md)
     if a.json:

@@ -153,6 +153,25 @@ def test_dubbing_report_on_a_tiny_run(videos, tmp_path):
     assert len({ln.count("|") for ln in table}) == 1 and "template's weight" in table[0]  # every row fills every column
     assert "faces, the template taken from the training frames" in text and "the real closed frames read" in text and "of the autoencoder's reconstructions" in text and "loudness model" in text
     assert "nearest training mouth pasted" in text
+    # the report is score_dubbing of dubbing_inputs, and those inputs survive the npz round trip
+    # (how bench/gpu_finetune.py carries them to mediapipe) bit for bit
+    from talkformer_core.finetune.dubbing import dubbing_inputs, load_dubbing_inputs, save_dubbing_inputs
+
+    inputs = dubbing_inputs(out, shard, 0.25, steps=2)
+    np.savez_compressed(tmp_path / "dub.npz", **save_dubbing_inputs(inputs))
+    with np.load(tmp_path / "dub.npz") as z:
+        back = load_dubbing_inputs(z)
+        assert load_dubbing_inputs(z, prefix="other") is None
+    assert back["rows"] == json.loads(json.dumps(inputs["rows"], default=float)) and back["meta"] == inputs["meta"]
+    assert set(back["crops"]) == set(inputs["crops"]) and set(back["series"]) == set(inputs["series"])
+    for k, v in inputs["crops"].items():
+        np.testing.assert_array_equal(back["crops"][k], v, err_msg=k)
+    for k, v in inputs["series"].items():
+        np.testing.assert_array_equal(back["series"][k], v, err_msg=k)
+    from talkformer_core.finetune.dubbing import score_dubbing
+
+    same = lambda r: json.dumps(r, sort_keys=True, default=float)  # noqa: E731  (NaN == NaN as text)
+    assert same(score_dubbing(back)) == same(rep)  # the same report from the carried inputs
 
 
 def test_baselines_are_exact_on_a_static_clip():

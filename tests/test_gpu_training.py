@@ -264,8 +264,9 @@ def test_packed_shard_round_trip_is_exact(shards, tmp_path):
 
 
 def test_gpu_bench_script_runs_without_mediapipe_or_pyav(shards, tmp_path):
-    """bench/gpu_finetune.py end to end on the CPU (tiny, 2 + 2 steps), mediapipe and PyAV made
-    unimportable as on the GPU box; then the scorer reads its file (PSNR / SSIM only)."""
+    """bench/gpu_finetune.py end to end on the CPU (tiny, 2 + 2 steps, with --dubbing), mediapipe and
+    PyAV made unimportable as on the GPU box; then the scorer reads its file (PSNR / SSIM only) and
+    scores the dubbing protocol's crops with mediapipe here."""
     from talkformer_core.data.packed import pack_shard
 
     src = sorted(shards.glob("*.npz"))[0]
@@ -273,7 +274,8 @@ def test_gpu_bench_script_runs_without_mediapipe_or_pyav(shards, tmp_path):
     out = tmp_path / "out" / "clip.tiny.npz"
     code = ("import sys, runpy; sys.modules['mediapipe'] = None; sys.modules['av'] = None; "
             f"sys.argv = ['gpu_finetune.py', '--shard', {str(packed)!r}, '--out', {str(out)!r}, '--minutes', '30', "
-            f"'--preset', 'tiny', '--steps', '2', '--sampler-steps', '2', '--threads', '1', '--work', {str(tmp_path / 'w')!r}]; "
+            f"'--preset', 'tiny', '--steps', '2', '--sampler-steps', '2', '--threads', '1', '--work', {str(tmp_path / 'w')!r}, "
+            "'--holdout', '0.4', '--dubbing']; "
             "runpy.run_path('bench/gpu_finetune.py', run_name='__main__')")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={"DEV": "cpu", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
@@ -294,3 +296,14 @@ def test_gpu_bench_script_runs_without_mediapipe_or_pyav(shards, tmp_path):
     assert r["ours_landmarks"].shape == gen.shape
     with pytest.raises(SystemExit, match="256 px shard"):
         S.score_clip(src, runs[src.name], meta["holdout"], landmarks=False)
+    # the dubbing protocol's crops, made without mediapipe, read here: every row and the silence check
+    from talkformer_core.finetune.dubbing import format_dubbing, score_dubbing
+
+    dub = r["dubbing"]
+    assert dub is not None and dub["crops"]["silence"].shape == (50, 32, 32, 3)
+    assert dub["crops"]["train"].shape[0] == dub["meta"]["train_frames"] == len(dub["series"]["train"])
+    rep = score_dubbing(dub)
+    for key in ("stage1", "faces", "renderer_true_landmarks", "nearest_mouth", "loudness"):
+        assert {"corr_audio", "corr_template"} <= set(rep["rows"][key])
+    assert rep["silence"]["faces_ok"] == (rep["silence"]["faces_max"] <= rep["silence"]["faces_closed_real"])
+    assert "silence (50 frames)" in format_dubbing(rep) and "### Dubbing" in S.dubbing_markdown(runs)

@@ -4,7 +4,7 @@ for the protocol of ``talkformer_core.eval.dubbing`` (docs/dubbing.md), and thei
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -54,18 +54,32 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
                    device: str | None = None, vae: str | os.PathLike | None = None, sampler: str = "ddim",
                    steps: int = 25, seed: int = 0, noise_scale: float | None = None, silence: bool = True,
                    decode_refine: int | None = None, mouth_guidance: float | None = None) -> dict[str, Any]:
-    """The dubbing protocol (eval.dubbing) on one clip: trained on [0, 1 - holdout); the held-out part
-    split in halves, new audio = the first, template = the second (holdout 0.4: [0.6, 0.8) drives
-    [0.8, 1.0)). Opening series of stage 1 (predicted landmarks, crop frame), of the generated faces
-    (mediapipe on the crops at 256 px), of the renderer given the new audio's TRUE jaw and lips (placed
-    on the template's mouth: does stage 2 follow its landmarks and nothing else?), of the faces with
-    the last training frames as the template (a diagnostic: a user dubs the video the model trained
-    on), and the loudness model; each correlated with the new audio's truth and with the template. Lip-shape error of
-    stage 1 and of the template's own lips against the truth after upper-face alignment. Silence:
-    ``SILENCE_SECONDS`` of zeros drive the template; their openings against the person's closed range:
-    stage 1 against the lowest 10 % of the training frames' openings; the faces against what the same
-    ruler (mediapipe on the crops) reads on the real training frames the tracker finds closed
-    (``eval.dubbing.closed_range``)."""
+    """The dubbing protocol (eval.dubbing) on one clip: ``score_dubbing(dubbing_inputs(...))``, the
+    faces made and read in one process. See ``dubbing_inputs`` for what is drawn and
+    ``score_dubbing`` for what is measured."""
+    return score_dubbing(dubbing_inputs(checkpoint, shard, holdout, device=device, vae=vae, sampler=sampler,
+                                        steps=steps, seed=seed, noise_scale=noise_scale, silence=silence,
+                                        decode_refine=decode_refine, mouth_guidance=mouth_guidance))
+
+
+def dubbing_inputs(checkpoint: str | os.PathLike, shard: str | os.PathLike, holdout: float, *,
+                   device: str | None = None, vae: str | os.PathLike | None = None, sampler: str = "ddim",
+                   steps: int = 25, seed: int = 0, noise_scale: float | None = None, silence: bool = True,
+                   decode_refine: int | None = None, mouth_guidance: float | None = None) -> dict[str, Any]:
+    """Everything the dubbing report reads, made without mediapipe (so on a GPU machine that lacks it):
+    ``{"crops": {name: (n, S, S, 3) uint8}, "series": {name: (n,) float}, "rows": {name: scores},
+    "meta": {...}}``. ``score_dubbing`` reads the crops with the ruler.
+
+    Trained on [0, 1 - holdout); the held-out part split in halves, new audio = the first, template =
+    the second (holdout 0.4: [0.6, 0.8) drives [0.8, 1.0)). Crops: the generated faces from stage 1
+    on the new audio (and, with a fitted mouth model, from the transformer alone and the two
+    averaged); the renderer given the new audio's TRUE jaw and lips placed on the template's mouth
+    (does stage 2 follow its landmarks and nothing else?); the faces with the last training frames as
+    the template (a user who dubs the video the model trained on); the nearest training mouth pasted
+    (a non-generative baseline on stage 1's landmarks). Silence: ``SILENCE_SECONDS`` of zeros drive
+    the template (and the training frames), with the real training crops and the autoencoder's
+    reconstructions of them, which give the ruler's closed range. Series and rows: the landmark-side
+    openings (stage 1, the truths, the loudness model) and lip-shape errors."""
     from ..eval import dubbing as D
     from ..face import topology
     from ..face.blend import lower_face_mask
@@ -98,6 +112,8 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
 
     pts = h.analysis.track.points131_filled.astype(np.float64)
     truth, tmpl = D.mouth_opening(pts[au]), D.mouth_opening(pts[te])
+    crops: dict[str, np.ndarray] = {}
+    series: dict[str, np.ndarray] = {"truth": truth, "template": tmpl}
     rows: dict[str, dict[str, Any]] = {}
     true_lips = h.points_crop[au].astype(np.float64) * S
     lm_cfg = model.landmark.cfg
@@ -112,16 +128,12 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
             s1 = stage1(te, h.mels[au])
         finally:
             lm_cfg.mouth_blend = own
-        rows["stage1" + suffix] = D.dubbing_scores(D.mouth_opening(s1), truth, tmpl)
+        series["stage1" + suffix] = D.mouth_opening(s1)
+        rows["stage1" + suffix] = D.dubbing_scores(series["stage1" + suffix], truth, tmpl)
         rows["stage1" + suffix]["lip_shape_error"] = float(np.nanmean(D.lip_shape_error(s1 * S, true_lips)))
-        faces = D.mouth_opening(points478(render(te, s1)))
-        rows["faces" + suffix] = D.dubbing_scores(faces, truth, tmpl)
-        # does stage 2 follow the landmarks it was given? (apart from whether they follow the audio)
-        rows["faces" + suffix]["corr_landmarks"] = D.pearson(faces, D.mouth_opening(s1))
+        crops["faces" + suffix] = render(te, s1)
         if suffix == "":  # the non-generative baseline on the same landmarks: the nearest training mouth, pasted
-            near = D.mouth_opening(points478(nearest_mouth(h, te, s1)[0]))
-            rows["nearest_mouth"] = D.dubbing_scores(near, truth, tmpl)
-            rows["nearest_mouth"]["corr_landmarks"] = D.pearson(near, D.mouth_opening(s1))
+            crops["nearest_mouth"] = nearest_mouth(h, te, s1)[0]
     shape_tmpl = D.lip_shape_error(h.points_crop[te].astype(np.float64) * S, true_lips)
     # renderer check: the new audio's true jaw + lips, in the template frame's stable box
     true_box = h.analysis.points_box(au, box)
@@ -129,56 +141,123 @@ def dubbing_report(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
     placed = tmpl_box.copy()
     placed[:, list(topology.CONTENT_POS)] = _anchor_x(true_box[:, list(topology.CONTENT_POS)], tmpl_box)
     placed_crop = landmarks_to_crop(h.analysis, placed, te, model)
-    faces_true = D.mouth_opening(points478(render(te, placed_crop)))
-    rows["renderer_true_landmarks"] = D.dubbing_scores(faces_true, truth, tmpl)
-    rows["renderer_true_landmarks"]["corr_landmarks"] = D.pearson(faces_true, D.mouth_opening(placed_crop))
+    crops["renderer_true_landmarks"] = render(te, placed_crop)
+    series["renderer_true_landmarks"] = D.mouth_opening(placed_crop)
     # the same new audio on the last training frames: what a user who dubs the video the model was
     # trained on gets; against the row above, how much is the renderer on frames it never saw
     seen = tr[-len(au):] if len(tr) >= len(au) else None
     if seen is not None:
         s1_seen = stage1(seen, h.mels[au])
-        faces_seen = D.mouth_opening(points478(render(seen, s1_seen)))
-        rows["faces_seen_template"] = D.dubbing_scores(faces_seen, truth, D.mouth_opening(pts[seen]))
-        rows["faces_seen_template"]["corr_landmarks"] = D.pearson(faces_seen, D.mouth_opening(s1_seen))
+        crops["faces_seen_template"] = render(seen, s1_seen)
+        series["faces_seen_template"] = D.mouth_opening(s1_seen)
+        series["seen_template"] = D.mouth_opening(pts[seen])
     open_tr = D.mouth_opening(pts[tr])  # the training frames' true openings
+    series["train"] = open_tr
     loud = D.LoudnessModel.fit(D.frame_loudness(h.mels[tr]), open_tr)
     rows["loudness"] = D.dubbing_scores(loud.predict(D.frame_loudness(h.mels[au])), truth, tmpl)
     rows["template_lips"] = {"lip_shape_error": float(np.nanmean(shape_tmpl))}
     # self-reconstruction of the template frames (their own audio), stage 1 only
     rows["stage1_own_audio"] = D.dubbing_scores(D.mouth_opening(stage1(te, h.mels[te])), tmpl, tmpl)
-    rep: dict[str, Any] = {"rows": rows, "frames": int(len(te)), "train_frames": int(len(tr)),
-                           "audio_frames": [int(au[0]), int(au[-1]) + 1], "template_frames": [int(te[0]), int(te[-1]) + 1],
-                           "landmark_box": box, "sampler": sampler, "sampler_steps": steps,
-                           "noise_scale": noise_scale_of(model, noise_scale),
-                           "decode_refine": decode_refine_of(model, decode_refine),
-                           "mouth_guidance": mouth_guidance_of(model, mouth_guidance),
-                           "mouth_model": bool(getattr(model.landmark, "mouth", None) is not None
-                                               and model.landmark.mouth.is_fitted)}
+    meta: dict[str, Any] = {"frames": int(len(te)), "train_frames": int(len(tr)),
+                            "audio_frames": [int(au[0]), int(au[-1]) + 1], "template_frames": [int(te[0]), int(te[-1]) + 1],
+                            "landmark_box": box, "sampler": sampler, "sampler_steps": steps,
+                            "noise_scale": noise_scale_of(model, noise_scale),
+                            "decode_refine": decode_refine_of(model, decode_refine),
+                            "mouth_guidance": mouth_guidance_of(model, mouth_guidance), "mouth_model": bool(fitted)}
     if silence:
         sil = audio_features(np.zeros(int(16000 * SILENCE_SECONDS), np.float32))
         idx = np.resize(te, sil.num_frames)
         s1_sil = stage1(idx, sil.windows)
-        o1 = D.mouth_opening(s1_sil)
-        o2 = D.mouth_opening(points478(render(idx, s1_sil)))
-        o_near = D.mouth_opening(points478(nearest_mouth(h, idx, s1_sil)[0]))
-        thr1 = D.closed_threshold(open_tr)
-        real_tr = D.mouth_opening(points478(h.crops[tr]))
-        thr2 = D.closed_threshold(real_tr)
-        # the bar: what the same ruler reads on the real frames the tracker finds closed
-        thr_real = D.closed_range(real_tr, open_tr)
-        # the same range on the autoencoder's reconstructions of those frames: the most closed mouth
-        # the renderer's decoder draws (a diagnostic beside the bar, which stays the real frames')
-        thr_ae = D.closed_threshold(D.mouth_opening(points478(paste_lower_face(_reconstruct(model, h.crops[tr]), h.crops[tr], mask))))
+        series["silence_stage1"] = D.mouth_opening(s1_sil)
+        crops["silence"] = render(idx, s1_sil)
+        crops["silence_nearest_mouth"] = nearest_mouth(h, idx, s1_sil)[0]
+        crops["train"] = h.crops[tr]
+        # the autoencoder's reconstructions of the training frames: the most closed mouth the
+        # renderer's decoder draws (a diagnostic beside the bar, which stays the real frames')
+        crops["train_autoencoder"] = paste_lower_face(_reconstruct(model, h.crops[tr]), h.crops[tr], mask)
         if seen is not None:  # silence on training frames (see "faces_seen_template")
             idx_seen = np.resize(seen, sil.num_frames)
-            o_seen = D.mouth_opening(points478(render(idx_seen, stage1(idx_seen, sil.windows))))
-        rep["silence"] = {"frames": int(sil.num_frames), "stage1_max": float(np.nanmax(o1)), "stage1_closed": thr1,
-                          "faces_max_seen_template": float(np.nanmax(o_seen)) if seen is not None else None,
+            crops["silence_seen_template"] = render(idx_seen, stage1(idx_seen, sil.windows))
+        meta["silence_frames"] = int(sil.num_frames)
+    return {"crops": crops, "series": series, "rows": rows, "meta": meta}
+
+
+def score_dubbing(inputs: dict[str, Any], ruler: Callable[[np.ndarray], np.ndarray] = points478) -> dict[str, Any]:
+    """The dubbing report from ``dubbing_inputs``: ``ruler`` (crops -> (n, 478, 2) points, mediapipe)
+    reads the mouth opening of every crop set; each series is correlated with the new audio's truth
+    and with the template (``eval.dubbing.dubbing_scores``); the faces also with the landmarks they
+    were drawn from. Silence: stage 1's openings against the lowest 10 % of the training frames'
+    true openings; the faces' against what the same ruler reads on the real training frames the
+    tracker finds closed (``eval.dubbing.closed_range``)."""
+    from ..eval import dubbing as D
+
+    c, s = inputs["crops"], inputs["series"]
+    truth, tmpl = s["truth"], s["template"]
+    read = {k: D.mouth_opening(ruler(v)) for k, v in c.items()}
+    rows = {k: dict(v) for k, v in inputs["rows"].items()}
+    for key in ("faces", "faces_transformer", "faces_blend"):
+        if key in read:  # does stage 2 follow the landmarks it was given? (apart from whether they follow the audio)
+            rows[key] = D.dubbing_scores(read[key], truth, tmpl)
+            rows[key]["corr_landmarks"] = D.pearson(read[key], s["stage1" + key[len("faces"):]])
+    rows["nearest_mouth"] = D.dubbing_scores(read["nearest_mouth"], truth, tmpl)
+    rows["nearest_mouth"]["corr_landmarks"] = D.pearson(read["nearest_mouth"], s["stage1"])
+    rows["renderer_true_landmarks"] = D.dubbing_scores(read["renderer_true_landmarks"], truth, tmpl)
+    rows["renderer_true_landmarks"]["corr_landmarks"] = D.pearson(read["renderer_true_landmarks"],
+                                                                  s["renderer_true_landmarks"])
+    if "faces_seen_template" in read:
+        rows["faces_seen_template"] = D.dubbing_scores(read["faces_seen_template"], truth, s["seen_template"])
+        rows["faces_seen_template"]["corr_landmarks"] = D.pearson(read["faces_seen_template"], s["faces_seen_template"])
+    m = inputs["meta"]
+    rep: dict[str, Any] = {"rows": rows, **{k: v for k, v in m.items() if k != "silence_frames"}}
+    if "silence" in read:
+        o1, o2, open_tr = s["silence_stage1"], read["silence"], s["train"]
+        thr1 = D.closed_threshold(open_tr)
+        real_tr = read["train"]
+        o_seen = read.get("silence_seen_template")
+        rep["silence"] = {"frames": int(m["silence_frames"]), "stage1_max": float(np.nanmax(o1)), "stage1_closed": thr1,
+                          "faces_max_seen_template": float(np.nanmax(o_seen)) if o_seen is not None else None,
                           "faces_max": float(np.nanmax(o2)), "faces_p90": float(np.nanquantile(o2, 0.9)),
-                          "faces_closed": thr2, "faces_closed_real": thr_real, "faces_closed_autoencoder": thr_ae,
-                          "faces_missed": int(np.isnan(o2).sum()), "nearest_mouth_max": float(np.nanmax(o_near)),
-                          "stage1_ok": bool(np.nanmax(o1) <= thr1), "faces_ok": bool(np.nanmax(o2) <= thr_real)}
+                          "faces_closed": D.closed_threshold(real_tr),
+                          # the bar: what the same ruler reads on the real frames the tracker finds closed
+                          "faces_closed_real": D.closed_range(real_tr, open_tr),
+                          "faces_closed_autoencoder": D.closed_threshold(read["train_autoencoder"]),
+                          "faces_missed": int(np.isnan(o2).sum()),
+                          "nearest_mouth_max": float(np.nanmax(read["silence_nearest_mouth"])),
+                          "stage1_ok": bool(np.nanmax(o1) <= thr1)}
+        rep["silence"]["faces_ok"] = bool(rep["silence"]["faces_max"] <= rep["silence"]["faces_closed_real"])
     return rep
+
+
+def save_dubbing_inputs(inputs: dict[str, Any], prefix: str = "dub") -> dict[str, np.ndarray]:
+    """``dubbing_inputs`` as npz arrays under ``prefix``: crops losslessly (``data.packed.encode_images``),
+    series as float64, rows and meta as JSON. ``load_dubbing_inputs`` reads them back exactly."""
+    import json
+
+    from ..data.packed import encode_images
+
+    out: dict[str, np.ndarray] = {f"{prefix}.json": np.array(json.dumps(
+        {"rows": inputs["rows"], "meta": inputs["meta"], "crops": sorted(inputs["crops"]),
+         "series": sorted(inputs["series"])}, default=float))}
+    for k, v in inputs["crops"].items():
+        out.update(encode_images(np.ascontiguousarray(v, np.uint8), f"{prefix}.crops.{k}"))
+    for k, v in inputs["series"].items():
+        out[f"{prefix}.series.{k}"] = np.asarray(v, np.float64)
+    return out
+
+
+def load_dubbing_inputs(arrays: Any, prefix: str = "dub") -> dict[str, Any] | None:
+    """Inverse of ``save_dubbing_inputs`` on an npz (or a dict of its arrays); None if it holds none."""
+    import json
+
+    from ..data.packed import decode_images
+
+    if f"{prefix}.json" not in getattr(arrays, "files", arrays):
+        return None
+    head = json.loads(str(arrays[f"{prefix}.json"]))
+    data = {k: arrays[k] for k in getattr(arrays, "files", arrays) if k.startswith(f"{prefix}.")}
+    return {"rows": head["rows"], "meta": head["meta"],
+            "crops": {k: decode_images(data, f"{prefix}.crops.{k}") for k in head["crops"]},
+            "series": {k: np.asarray(data[f"{prefix}.series.{k}"]) for k in head["series"]}}
 
 
 DUB_ROWS = (("stage1", "stage 1 (predicted landmarks)"), ("faces", "generated faces"),
