@@ -11,7 +11,8 @@ mouth model; batches sized to the device, bf16 on CUDA (the preset's). A shard a
 than the preset's is resized (area) to it, so cpu64 trains on the same frames. Then the held-out
 frames are generated twice (``finetune.holdout.generate``: audio-driven, and with the test frames'
 landmarks) and, with ``--dubbing``, the dubbing protocol's and the silence check's faces
-(``finetune.dubbing.dubbing_inputs``, stored by ``save_dubbing_inputs``), and saved, losslessly (``data.packed.encode_images``), in a compressed ``--out`` .npz
+(``finetune.dubbing.dubbing_inputs``, stored by ``save_dubbing_inputs`` in ``OUT.dubbing.npz``,
+beside: KatieHill's 200 frames make ~13 MiB of them at 128 px), and saved, losslessly (``data.packed.encode_images``), in a compressed ``--out`` .npz
 with the run's numbers (steps,
 minutes, samples/s, busy share). ``bench/score_gpu_finetune.py`` scores those files where
 mediapipe is (the 256 px ruler, the baselines) and draws the grid. ``--minutes`` is the process's
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SAMPLE_RESERVE_MIN = 0.5  # minutes kept for loading the model and sampling the held-out frames
+DUBBING_RESERVE_MIN = 1.0  # and for the dubbing protocol's and the silence check's faces (--dubbing)
 
 
 def _tqdm_stand_in() -> None:
@@ -57,6 +59,11 @@ def _tqdm_stand_in() -> None:
         mod = types.ModuleType("tqdm")
         mod.__spec__, mod.tqdm = ModuleSpec("tqdm", None), _Bar  # a spec: torch._dynamo looks modules up
         sys.modules["tqdm"] = mod
+
+
+def dubbing_path(out: Path) -> Path:
+    """Where ``--dubbing`` writes the dubbing report's inputs: beside ``out``, ``NAME.dubbing.npz``."""
+    return out.with_name(out.stem + ".dubbing.npz")
 
 
 def prepare_shard(src: Path, dst_dir: Path, crop_size: int) -> Path:
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
           f"autoencoder {ae_batch} crops, bf16 {bf16}, setup {time.time() - t_start:.0f} s", flush=True)
 
     def left() -> float:
-        return a.minutes - (time.time() - t_start) / 60.0 - SAMPLE_RESERVE_MIN
+        return a.minutes - (time.time() - t_start) / 60.0 - SAMPLE_RESERVE_MIN - (DUBBING_RESERVE_MIN if a.dubbing else 0.0)
 
     ae_minutes = max(cfg.train.autoencoder_share * left(), 0.05)
     res_ae = train(cfg, stage="autoencoder", data=shards, out=work / "ae", steps=ae_steps or 10 ** 7,
@@ -188,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     enc = {}
     for k, v in gen.items():  # lossless WebP: a third of zlib's size (returned files are capped)
         enc.update(encode_images(v.astype(np.uint8), k))
-    enc.update(dub or {})
+    if dub is not None:  # a file of its own: each file brought back from a GPU machine is capped (16 MiB)
+        np.savez_compressed(dubbing_path(out), **dub)
     np.savez_compressed(out, test_idx=h.test_idx.astype(np.int64), train_idx=h.train_idx.astype(np.int64),
                         meta=np.array(json.dumps(meta, default=float)), **enc)
     print(f"[gpu_finetune] wrote {out} ({out.stat().st_size / 2 ** 20:.1f} MiB): {len(h.test_idx)} held-out frames, "

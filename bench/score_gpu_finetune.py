@@ -33,7 +33,8 @@ PRESET_ORDER = ("gpu256", "gpu128", "cpu96", "cpu64", "person64", "person96")
 
 def load_results(paths: list[str]) -> dict[str, dict[str, dict]]:
     """{shard file name: {preset: {"meta", "test_idx", "ours_landmarks", "ours_audio", "dubbing"}}}
-    ("dubbing": ``finetune.dubbing.dubbing_inputs`` of a ``--dubbing`` run, else None)."""
+    ("dubbing": ``finetune.dubbing.dubbing_inputs`` of a ``--dubbing`` run, read from the
+    ``NAME.dubbing.npz`` beside its file, else None)."""
     from talkformer_core.data.packed import decode_images
     from talkformer_core.finetune.dubbing import load_dubbing_inputs
 
@@ -47,7 +48,11 @@ def load_results(paths: list[str]) -> dict[str, dict[str, dict]]:
                 continue
             meta = json.loads(str(z["meta"]))
             arrays = {k: z[k] for k in z.files}
-        r = {"meta": meta, "file": str(f), "test_idx": arrays["test_idx"], "dubbing": load_dubbing_inputs(arrays)}
+        r = {"meta": meta, "file": str(f), "test_idx": arrays["test_idx"], "dubbing": None}
+        dub = f.with_name(f.stem + ".dubbing.npz")  # gpu_finetune.dubbing_path
+        if dub.exists():
+            with np.load(dub, allow_pickle=False) as z:
+                r["dubbing"] = load_dubbing_inputs(z)
         for key, _ in MODES:  # lossless WebP (data.packed.encode_images), or plain uint8 arrays
             r[key] = arrays[key] if key in arrays else decode_images(arrays, key, str(f))
         out.setdefault(meta["shard"], {})[meta["preset"]] = r

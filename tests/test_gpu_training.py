@@ -299,6 +299,7 @@ def test_gpu_bench_script_runs_without_mediapipe_or_pyav(shards, tmp_path):
     # the dubbing protocol's crops, made without mediapipe, read here: every row and the silence check
     from talkformer_core.finetune.dubbing import format_dubbing, score_dubbing
 
+    assert (out.parent / "clip.tiny.dubbing.npz").exists()  # a file of its own (returned files are capped)
     dub = r["dubbing"]
     assert dub is not None and dub["crops"]["silence"].shape == (50, 32, 32, 3)
     assert dub["crops"]["train"].shape[0] == dub["meta"]["train_frames"] == len(dub["series"]["train"])

@@ -798,3 +798,31 @@ def test_edge_l1_sees_lost_edges_not_uniform_shifts_and_the_step_adds_it(shards)
     want = edge_l1(rec, batch["crops"], mouth_weight(batch["landmarks"], (S, S), 4.0, grow=S // 16))
     assert float(logs2["edge"]) == pytest.approx(float(want), rel=1e-5)
     assert float(loss2) == pytest.approx(float(loss0) + 2.0 * float(want), rel=1e-5)
+
+
+def test_adversarial_autoencoder_bench_is_the_plain_run_at_weight_zero_and_not_above(shards, tmp_path):
+    """bench/autoencoder_adversarial.py (docs/dubbing.md): at weight 0 its autoencoder is the plain
+    loop's, weight for weight (the discriminator beside it touches nothing of the run); above 0 the
+    discriminator's verdict reaches the autoencoder; the loop's step class is put back afterwards."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import autoencoder_adversarial as A
+
+    from talkformer_core.finetune.presets import finetune_config
+    from talkformer_core.models.checkpoint import read_checkpoint
+    from talkformer_core.train import loop
+    from talkformer_core.train.steps import AutoencoderStep
+
+    for w in ("0", "0.5"):
+        assert A.main(["--shard-dir", str(shards), "--out", str(tmp_path / f"w{w}"), "--steps", "3", "--weight", w,
+                       "--preset", "tiny", "--threads", "1"]) == 0
+    assert loop.AutoencoderStep is AutoencoderStep
+    plain = loop.train(finetune_config("tiny"), stage="autoencoder", data=shards, out=tmp_path / "plain", steps=3,
+                       batch_size=8, frames=(0.0, 0.6), seed=0, progress=False)
+    ref = read_checkpoint(plain.checkpoint)[0]
+    zero, adv = (read_checkpoint(tmp_path / f"w{w}" / "last.safetensors")[0] for w in ("0", "0.5"))
+    assert set(zero) == set(ref) == set(adv)
+    assert all(torch.equal(zero[k], ref[k]) for k in ref)
+    assert any(not torch.equal(adv[k], ref[k]) for k in ref if k.startswith("autoencoder.encoder"))
+    log = (tmp_path / "w0.5" / "log.csv").read_text().splitlines()
+    d = float(log[-1].split(",")[log[0].split(",").index("d")])
+    assert 0.0 <= d < 10.0  # the hinge loss of a discriminator that was stepped
