@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also make the dubbing protocol's and the silence check's crops (finetune.dubbing."
                          "dubbing_inputs; give --holdout 0.4): the scorer reads them with mediapipe")
     a = ap.parse_args(argv)
+    if a.dubbing and not 0.0 < a.holdout < 1.0:  # before any training: the protocol splits the held-out part
+        ap.error(f"--dubbing needs 0 < --holdout < 1 (0.4: new audio = frames [0.6, 0.8), template = [0.8, 1.0)); "
+                 f"got {a.holdout}")
     t_start = time.time()
 
     import numpy as np

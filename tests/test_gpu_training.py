@@ -308,3 +308,15 @@ def test_gpu_bench_script_runs_without_mediapipe_or_pyav(shards, tmp_path):
         assert {"corr_audio", "corr_template"} <= set(rep["rows"][key])
     assert rep["silence"]["faces_ok"] == (rep["silence"]["faces_max"] <= rep["silence"]["faces_closed_real"])
     assert "silence (50 frames)" in format_dubbing(rep) and "### Dubbing" in S.dubbing_markdown(runs)
+
+
+def test_gpu_bench_script_rejects_dubbing_without_a_holdout(tmp_path, capsys):
+    """--dubbing with --holdout 0 is refused before the shard is read or anything trains."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_finetune as G
+
+    with pytest.raises(SystemExit) as e:
+        G.main(["--shard", str(tmp_path / "absent.npz"), "--out", str(tmp_path / "o.npz"), "--minutes", "1",
+                "--dubbing", "--holdout", "0"])
+    assert e.value.code == 2 and "--dubbing needs 0 < --holdout < 1" in capsys.readouterr().err
+    assert not (tmp_path / "o.npz").exists()
