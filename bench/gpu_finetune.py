@@ -61,11 +61,6 @@ def _tqdm_stand_in() -> None:
         sys.modules["tqdm"] = mod
 
 
-def dubbing_path(out: Path) -> Path:
-    """Where ``--dubbing`` writes the dubbing report's inputs: beside ``out``, ``NAME.dubbing.npz``."""
-    return out.with_name(out.stem + ".dubbing.npz")
-
-
 def prepare_shard(src: Path, dst_dir: Path, crop_size: int) -> Path:
     """A packed (or plain) shard -> a plain shard in ``dst_dir`` at ``crop_size`` (area-resized)."""
     import cv2
@@ -176,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
            "ours_audio": generate(model, h, audio_driven=True, **kw)}
     dub = None
     if a.dubbing:  # everything the dubbing report reads, made here; mediapipe reads it where it is
-        from talkformer_core.finetune.dubbing import dubbing_inputs, save_dubbing_inputs
+        from talkformer_core.finetune.dubbing import dubbing_inputs, dubbing_inputs_path, save_dubbing_inputs
         dub = save_dubbing_inputs(dubbing_inputs(res_tf.checkpoint, shard, a.holdout, device=str(dev),
                                                  steps=a.sampler_steps, seed=a.seed))
     sample_s = time.time() - t_s
@@ -199,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in gen.items():  # lossless WebP: a third of zlib's size (returned files are capped)
         enc.update(encode_images(v.astype(np.uint8), k))
     if dub is not None:  # a file of its own: each file brought back from a GPU machine is capped (16 MiB)
-        np.savez_compressed(dubbing_path(out), **dub)
+        np.savez_compressed(dubbing_inputs_path(out), **dub)
     np.savez_compressed(out, test_idx=h.test_idx.astype(np.int64), train_idx=h.train_idx.astype(np.int64),
                         meta=np.array(json.dumps(meta, default=float)), **enc)
     print(f"[gpu_finetune] wrote {out} ({out.stat().st_size / 2 ** 20:.1f} MiB): {len(h.test_idx)} held-out frames, "

@@ -36,7 +36,7 @@ def load_results(paths: list[str]) -> dict[str, dict[str, dict]]:
     ("dubbing": ``finetune.dubbing.dubbing_inputs`` of a ``--dubbing`` run, read from the
     ``NAME.dubbing.npz`` beside its file, else None)."""
     from talkformer_core.data.packed import decode_images
-    from talkformer_core.finetune.dubbing import load_dubbing_inputs
+    from talkformer_core.finetune.dubbing import dubbing_inputs_path, load_dubbing_inputs
 
     files: list[Path] = []
     for p in map(Path, paths):
@@ -49,7 +49,7 @@ def load_results(paths: list[str]) -> dict[str, dict[str, dict]]:
             meta = json.loads(str(z["meta"]))
             arrays = {k: z[k] for k in z.files}
         r = {"meta": meta, "file": str(f), "test_idx": arrays["test_idx"], "dubbing": None}
-        dub = f.with_name(f.stem + ".dubbing.npz")  # gpu_finetune.dubbing_path
+        dub = dubbing_inputs_path(f)
         if dub.exists():
             with np.load(dub, allow_pickle=False) as z:
                 r["dubbing"] = load_dubbing_inputs(z)

@@ -4,6 +4,7 @@ for the protocol of ``talkformer_core.eval.dubbing`` (docs/dubbing.md), and thei
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -178,7 +179,6 @@ def dubbing_inputs(checkpoint: str | os.PathLike, shard: str | os.PathLike, hold
         if seen is not None:  # silence on training frames (see "faces_seen_template")
             idx_seen = np.resize(seen, sil.num_frames)
             crops["silence_seen_template"] = render(idx_seen, stage1(idx_seen, sil.windows))
-        meta["silence_frames"] = int(sil.num_frames)
     return {"crops": crops, "series": series, "rows": rows, "meta": meta}
 
 
@@ -208,13 +208,13 @@ def score_dubbing(inputs: dict[str, Any], ruler: Callable[[np.ndarray], np.ndarr
         rows["faces_seen_template"] = D.dubbing_scores(read["faces_seen_template"], truth, s["seen_template"])
         rows["faces_seen_template"]["corr_landmarks"] = D.pearson(read["faces_seen_template"], s["faces_seen_template"])
     m = inputs["meta"]
-    rep: dict[str, Any] = {"rows": rows, **{k: v for k, v in m.items() if k != "silence_frames"}}
+    rep: dict[str, Any] = {"rows": rows, **m}
     if "silence" in read:
         o1, o2, open_tr = s["silence_stage1"], read["silence"], s["train"]
         thr1 = D.closed_threshold(open_tr)
         real_tr = read["train"]
         o_seen = read.get("silence_seen_template")
-        rep["silence"] = {"frames": int(m["silence_frames"]), "stage1_max": float(np.nanmax(o1)), "stage1_closed": thr1,
+        rep["silence"] = {"frames": len(o1), "stage1_max": float(np.nanmax(o1)), "stage1_closed": thr1,
                           "faces_max_seen_template": float(np.nanmax(o_seen)) if o_seen is not None else None,
                           "faces_max": float(np.nanmax(o2)), "faces_p90": float(np.nanquantile(o2, 0.9)),
                           "faces_closed": D.closed_threshold(real_tr),
@@ -226,6 +226,13 @@ def score_dubbing(inputs: dict[str, Any], ruler: Callable[[np.ndarray], np.ndarr
                           "stage1_ok": bool(np.nanmax(o1) <= thr1)}
         rep["silence"]["faces_ok"] = bool(rep["silence"]["faces_max"] <= rep["silence"]["faces_closed_real"])
     return rep
+
+
+def dubbing_inputs_path(results: str | os.PathLike) -> Path:
+    """Where a results file's dubbing inputs go, beside it: ``NAME.npz`` -> ``NAME.dubbing.npz`` (a file
+    of their own: ``bench/gpu_finetune.py --dubbing`` writes it, ``bench/score_gpu_finetune.py`` reads it)."""
+    p = Path(results)
+    return p.with_name(p.stem + ".dubbing.npz")
 
 
 def save_dubbing_inputs(inputs: dict[str, Any], prefix: str = "dub") -> dict[str, np.ndarray]:
